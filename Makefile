@@ -1,0 +1,39 @@
+# Two environments: mace-torch 0.3.16 pins e3nn==0.4.4, nequip 0.19 needs e3nn>=0.6.
+# torch is pinned (a local CPU wheel here); override with e.g. `make test TORCH_SPEC="torch==2.5.1"`.
+PYTHON      ?= python3
+TORCH_SPEC  ?= torch==2.13.0
+MACE_VENV   ?= .venv-mace
+NEQUIP_VENV ?= .venv-nequip
+PYTEST_ARGS ?=
+
+.PHONY: test test-mace test-nequip demo envs clean-envs
+
+envs: $(MACE_VENV)/.e2ip-installed $(NEQUIP_VENV)/.e2ip-installed
+
+$(MACE_VENV)/.e2ip-installed: pyproject.toml
+	$(PYTHON) -m venv $(MACE_VENV)
+	$(MACE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MACE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(MACE_VENV)/bin/python -m pip install -q -e ".[mace,wandb,dev]" "$(TORCH_SPEC)"
+	touch $@
+
+$(NEQUIP_VENV)/.e2ip-installed: pyproject.toml
+	$(PYTHON) -m venv $(NEQUIP_VENV)
+	$(NEQUIP_VENV)/bin/python -m pip install -q --upgrade pip
+	$(NEQUIP_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(NEQUIP_VENV)/bin/python -m pip install -q -e ".[nequip,wandb,dev]" "$(TORCH_SPEC)"
+	touch $@
+
+test-mace: $(MACE_VENV)/.e2ip-installed
+	WANDB_MODE=offline $(MACE_VENV)/bin/python -m pytest tests/core tests/mace $(PYTEST_ARGS)
+
+test-nequip: $(NEQUIP_VENV)/.e2ip-installed
+	WANDB_MODE=offline $(NEQUIP_VENV)/bin/python -m pytest tests/core tests/nequip $(PYTEST_ARGS)
+
+test: test-mace test-nequip
+
+demo: $(NEQUIP_VENV)/.e2ip-installed
+	WANDB_MODE=offline $(NEQUIP_VENV)/bin/python -m e2ip_plugins.demo --out demo_out
+
+clean-envs:
+	rm -rf $(MACE_VENV) $(NEQUIP_VENV)
