@@ -1,0 +1,55 @@
+"""e2ip NequIP extension (DESIGN §3).
+
+Loaded by ``import nequip`` through the ``nequip.extension`` entry point
+(``init_always``). On import it only registers the plugin's output fields with
+NequIP's :func:`nequip.data.register_fields`; the model builder, loss, metrics
+and ASE calculator are imported lazily on first attribute access (so
+``torch.package`` and ``import nequip`` stay light), e.g. from YAML::
+
+    model:
+      _target_: nequip_ext.EvidentialNequIPGNNModel
+      uq_head: {kind: e2ip, num_channels: 16}
+    loss:
+      _target_: nequip_ext.EvidentialEnergyForceLoss
+    val_metrics:
+      _target_: nequip_ext.UQMetrics
+"""
+
+import importlib
+
+from . import _keys
+from ._keys import *  # noqa: F401,F403
+
+
+def _register() -> None:
+    from nequip.data._key_registry import register_fields
+
+    register_fields(
+        node_fields=list(_keys.NODE_KEYS),
+        cartesian_tensor_fields={k: "ij=ji" for k in _keys.CARTESIAN_KEYS},
+    )
+
+
+_register()
+
+_LAZY = {
+    "EvidentialNequIPGNNModel": "nequip_ext.model",
+    "E2IPHeadModule": "nequip_ext.nn",
+    "EIPHeadModule": "nequip_ext.nn",
+    "EvidentialEnergyForceLoss": "nequip_ext.train",
+    "EvidentialForceLossMetric": "nequip_ext.train",
+    "UQMetrics": "nequip_ext.train",
+    "UQScalarMetric": "nequip_ext.train",
+}
+
+__all__ = sorted(_LAZY) + sorted(n for n in dir(_keys) if n.endswith("_KEY") or n.endswith("_KEYS"))
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nequip_ext' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

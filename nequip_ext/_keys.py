@@ -1,0 +1,52 @@
+"""Field names the e2ip NequIP plugin adds to ``AtomicDataDict`` (DESIGN §3).
+
+Plain strings only: this module is imported when ``import nequip`` loads the
+extension, so it must stay import-free.
+"""
+
+from typing import Final, List
+
+# === DESIGN §3 contract (model outputs and ASE ``calc.results``) ===
+FORCES_COVARIANCE_KEY: Final[str] = "forces_covariance"  # (N, 3, 3) U_tot
+FORCES_COVARIANCE_EPISTEMIC_KEY: Final[str] = "forces_covariance_epistemic"  # (N, 3, 3) U_epi
+FORCES_COVARIANCE_ALEATORIC_KEY: Final[str] = "forces_covariance_aleatoric"  # (N, 3, 3) U_ale
+FORCES_UNCERTAINTY_KEY: Final[str] = "forces_uncertainty"  # (N,) sqrt(tr U_epi / 3)
+
+# === raw evidence of the e²IP (NIW) head ===
+E2IP_NU_KEY: Final[str] = "e2ip_nu"  # (N,)
+E2IP_KAPPA_KEY: Final[str] = "e2ip_kappa"  # (N,)
+E2IP_SIGMA0_KEY: Final[str] = "e2ip_sigma0"  # (N, 3, 3)
+E2IP_SIGMA0_INV_KEY: Final[str] = "e2ip_sigma0_inv"  # (N, 3, 3)
+E2IP_SIGMA0_LOGDET_KEY: Final[str] = "e2ip_sigma0_logdet"  # (N,)
+
+# === raw evidence of the eIP (per-component) head ===
+EIP_NU_KEY: Final[str] = "eip_nu"  # (N, 3)
+EIP_ALPHA_KEY: Final[str] = "eip_alpha"  # (N, 3)
+EIP_BETA_KEY: Final[str] = "eip_beta"  # (N, 3)
+
+COVARIANCE_KEYS: Final[List[str]] = [
+    FORCES_COVARIANCE_KEY,
+    FORCES_COVARIANCE_EPISTEMIC_KEY,
+    FORCES_COVARIANCE_ALEATORIC_KEY,
+]
+# symmetric 3x3 per-atom tensors: registered as Cartesian tensors "ij=ji"
+CARTESIAN_KEYS: Final[List[str]] = COVARIANCE_KEYS + [E2IP_SIGMA0_KEY, E2IP_SIGMA0_INV_KEY]
+# every per-atom field the plugin can emit
+NODE_KEYS: Final[List[str]] = CARTESIAN_KEYS + [
+    FORCES_UNCERTAINTY_KEY,
+    E2IP_NU_KEY,
+    E2IP_KAPPA_KEY,
+    E2IP_SIGMA0_LOGDET_KEY,
+    EIP_NU_KEY,
+    EIP_ALPHA_KEY,
+    EIP_BETA_KEY,
+]
+# head-output dict key (as returned by e2ip_plugins heads) -> data field
+E2IP_HEAD_FIELDS: Final[dict] = {
+    "nu": E2IP_NU_KEY,
+    "kappa": E2IP_KAPPA_KEY,
+    "sigma0": E2IP_SIGMA0_KEY,
+    "sigma0_inv": E2IP_SIGMA0_INV_KEY,
+    "sigma0_logdet": E2IP_SIGMA0_LOGDET_KEY,
+}
+EIP_HEAD_FIELDS: Final[dict] = {k: k for k in (EIP_NU_KEY, EIP_ALPHA_KEY, EIP_BETA_KEY)}

@@ -1,0 +1,106 @@
+"""``EvidentialNequIPGNNModel``: NequIP GNN + equivariant evidential force head (DESIGN §3).
+
+Builds the usual :func:`nequip.model.NequIPGNNModel` and inserts the head
+(:class:`~nequip_ext.nn.E2IPHeadModule` or :class:`~nequip_ext.nn.EIPHeadModule`)
+before the last convnet, whose input is the last node feature that still carries
+l > 0 (NequIP makes the last convnet scalar-only). The head reads those features
+and writes the covariance fields; energy, forces and stress are untouched.
+
+YAML::
+
+    model:
+      _target_: nequip_ext.EvidentialNequIPGNNModel
+      # ... every nequip.model.NequIPGNNModel argument ...
+      uq_head:
+        kind: e2ip            # or eip
+        num_channels: 16
+        force_rms: ${training_data_stats:forces_rms}   # σ_F of Σ₀ (e2ip only)
+
+``force_rms`` default: NequIP has no single "force scale" model argument, but its
+standard configs set ``per_type_energy_scales`` to the training force RMS
+(``${training_data_stats:forces_rms}`` or ``per_type_forces_rms``); when
+``uq_head.force_rms`` is not given we use that (the RMS over types if it is a
+list), else 1.0 eV/Å. Set it explicitly to be sure.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+from nequip.model import NequIPGNNModel
+from nequip.model.utils import model_builder
+from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
+
+from .nn import E2IPHeadModule, EIPHeadModule
+
+HEAD_KINDS = {"e2ip": E2IPHeadModule, "eip": EIPHeadModule}
+HEAD_MODULE_NAME = "uq_head"
+
+
+def _default_force_rms(per_type_energy_scales) -> float:
+    if per_type_energy_scales is None:
+        return 1.0
+    if isinstance(per_type_energy_scales, (int, float)):
+        return float(per_type_energy_scales)
+    if isinstance(per_type_energy_scales, dict):
+        per_type_energy_scales = list(per_type_energy_scales.values())
+    vals = [float(v) for v in per_type_energy_scales]
+    return math.sqrt(sum(v * v for v in vals) / len(vals)) if vals else 1.0
+
+
+def _check_uq_config(num_layers: int, l_max: int, kind: str) -> None:
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"uq_head.kind must be one of {sorted(HEAD_KINDS)}, got {kind!r}")
+    if num_layers < 2:
+        raise ValueError(
+            f"EvidentialNequIPGNNModel needs num_layers >= 2, got num_layers={num_layers}: NequIP's last "
+            "convnet outputs scalars only, so the uncertainty head reads the input of the last convnet, "
+            "which for num_layers=1 is the type embedding (no l > 0 features)."
+        )
+    if l_max < 1:
+        raise ValueError(
+            f"EvidentialNequIPGNNModel needs l_max >= 1, got l_max={l_max}: an equivariant 3x3 covariance "
+            "is built from l = 1 (or l = 2) node features."
+        )
+
+
+def attach_uq_head(model: ForceStressOutput, uq_head: Dict[str, Any], per_type_energy_scales=None) -> ForceStressOutput:
+    """Insert the head before the last convnet of a (raw, unwrapped) NequIP energy model; returns a new
+    ``ForceStressOutput`` around the modified energy model (so its ``irreps_out`` include the head fields)."""
+    cfg = dict(uq_head)
+    kind = cfg.pop("kind", "e2ip")
+    if kind == "e2ip" and cfg.get("force_rms", None) is None:
+        cfg["force_rms"] = _default_force_rms(per_type_energy_scales)
+    if not isinstance(model, ForceStressOutput) or not isinstance(model.func, SequentialGraphNetwork):
+        raise TypeError(f"expected ForceStressOutput(SequentialGraphNetwork), got {type(model).__name__}")
+    seq = model.func
+    convnets = [n for n in seq._modules if n.startswith("layer") and n.endswith("_convnet")]
+    if len(convnets) < 2:
+        raise ValueError(f"the uncertainty head needs at least 2 convnet layers, found {convnets}")
+    last = convnets[-1]
+    head = HEAD_KINDS[kind](irreps_in=seq._modules[last].irreps_in, **cfg)
+    seq.insert(HEAD_MODULE_NAME, head, before=last)
+    return ForceStressOutput(seq, do_derivatives=model.do_derivatives)
+
+
+@model_builder
+def EvidentialNequIPGNNModel(uq_head: Optional[Dict[str, Any]] = None, **kwargs) -> GraphModel:
+    """NequIP GNN model with an evidential force-uncertainty head.
+
+    Args:
+        uq_head (dict): ``kind`` (``e2ip`` default, or ``eip``) plus head options:
+            e2ip → :class:`e2ip_plugins.EvidentialHead` (``num_channels``, ``mlp_hidden``, ``force_rms``,
+            ``nu_offset``, damping caps); eip → :class:`e2ip_plugins.EIPHead` (``num_channels``,
+            ``mlp_hidden``, ``eps``) and ``q``.
+        **kwargs: every :func:`nequip.model.NequIPGNNModel` argument.
+
+    Raises:
+        ValueError: ``num_layers < 2`` or ``l_max < 1`` (no l > 0 features before the last convnet),
+            or an unknown ``uq_head.kind``.
+    """
+    uq_head = dict(uq_head or {})
+    _check_uq_config(int(kwargs.get("num_layers", 4)), int(kwargs.get("l_max", 1)), uq_head.get("kind", "e2ip"))
+    # nested inside our @model_builder, NequIPGNNModel returns the raw ForceStressOutput
+    model = NequIPGNNModel(**kwargs)
+    return attach_uq_head(model, uq_head, kwargs.get("per_type_energy_scales", None))
