@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ._e3nn import o3
 from .head import _MLP, _count
+from .head_covariance import eip_student_t
 from .predictive import IndependentStudentTPredictive
 
 
@@ -107,17 +108,10 @@ def eip_loss(y, gamma, head_out: Dict[str, torch.Tensor], q: float = 0.5, reg_we
 
 
 def eip_predictive(gamma: torch.Tensor, head_out: Dict[str, torch.Tensor], q: float = 0.5) -> IndependentStudentTPredictive:
-    """The per-component Student-t implied by eq. 8: df 2α, loc μ, scale² Ω/(2να); Var[μ] = β/(ν(α−1))."""
-    nu, alpha, beta = head_out["eip_nu"], head_out["eip_alpha"], head_out["eip_beta"]
-    tau, omega = quantile_constants(q)
-    z = beta / (alpha - 1)
-    big_omega = 4 * beta * (1 + omega * nu * z)
-    return IndependentStudentTPredictive(
-        mean=gamma + tau * z,
-        df=2 * alpha,
-        scale2=big_omega / (2 * nu * alpha),
-        var_epi=beta / (nu * (alpha - 1)),
-    )
+    """The per-component Student-t implied by eq. 8: df 2α, loc μ = γ + τz, scale² Ω/(2να); Var[μ] = β/(ν(α−1))."""
+    quantile_constants(q)  # validates q
+    offset, df, scale2, var_epi = eip_student_t(head_out["eip_nu"], head_out["eip_alpha"], head_out["eip_beta"], q)
+    return IndependentStudentTPredictive(mean=gamma + offset, df=df, scale2=scale2, var_epi=var_epi)
 
 
 def eip_atom_sigma2(head_out: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -32,17 +32,27 @@ def niw_covariances(
     return ale + epi, epi, ale
 
 
+def eip_student_t(
+    nu: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, q: float = 0.5
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-component Student-t implied by seed 002 eq. 8: (τz, df, scale², Var[μ]), each (N, 3).
+
+    τ = (1−2q)/(q(1−q)), ω = 2/(q(1−q)), z = β/(α−1), Ω = 4β(1 + ωνz):
+    location γ + τz, df 2α, scale² Ω/(2να), Var[μ] = β/(ν(α−1)) (eq. 5)."""
+    tau = (1.0 - 2.0 * q) / (q * (1.0 - q))
+    omega = 2.0 / (q * (1.0 - q))
+    z = beta / (alpha - 1.0)
+    big_omega = 4.0 * beta * (1.0 + omega * nu * z)
+    return tau * z, 2.0 * alpha, big_omega / (2.0 * nu * alpha), beta / (nu * (alpha - 1.0))
+
+
 def eip_covariances(
     nu: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, q: float = 0.5
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U_tot, U_epi, U_ale), each (N, 3, 3) and diagonal in the lab frame, from (N, 3) ν, α, β."""
-    omega = 2.0 / (q * (1.0 - q))
-    z = beta / (alpha - 1.0)
-    big_omega = 4.0 * beta * (1.0 + omega * nu * z)
-    df = 2.0 * alpha
-    scale2 = big_omega / (2.0 * nu * alpha)
+    _, df, scale2, var_epi = eip_student_t(nu, alpha, beta, q)
     tot = torch.diag_embed(scale2 * df / (df - 2.0))
-    epi = torch.diag_embed(beta / (nu * (alpha - 1.0)))
+    epi = torch.diag_embed(var_epi)
     return tot, epi, tot - epi
 
 

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from scipy import special, stats
 
+from .head_covariance import covariance_uncertainty as atom_uncertainty
+from .head_covariance import niw_covariances
+
 D = 3
 P = TypeVar("P", bound="_Predictive")
 
@@ -34,11 +37,6 @@ def _np(x: torch.Tensor) -> np.ndarray:
 def quad_form(mat: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """rᵀ M r per atom: mat (N,3,3), r (N,3) → (N,)."""
     return torch.einsum("ni,nij,nj->n", r, mat, r)
-
-
-def atom_uncertainty(cov_epistemic: torch.Tensor) -> torch.Tensor:
-    """u_i = sqrt(tr U_epi,i / 3) in eV/Å (DESIGN §2.5)."""
-    return torch.sqrt(torch.diagonal(cov_epistemic, dim1=-2, dim2=-1).sum(-1) / D)
 
 
 @dataclasses.dataclass
@@ -103,12 +101,12 @@ class StudentTPredictive(_Predictive):
     @property
     def covariance_aleatoric(self) -> torch.Tensor:
         """U_ale = E[Σ] = ν Σ₀ / (ν − d − 1)."""
-        return (self.nu / (self.nu - D - 1))[:, None, None] * self.sigma0
+        return niw_covariances(self.nu, self.kappa, self.sigma0)[2]
 
     @property
     def covariance_epistemic(self) -> torch.Tensor:
         """U_epi = Var[μ] = U_ale / κ."""
-        return self.covariance_aleatoric / self.kappa[:, None, None]
+        return niw_covariances(self.nu, self.kappa, self.sigma0)[1]
 
     def scaled(self, c: float) -> "StudentTPredictive":
         return dataclasses.replace(
