@@ -1,0 +1,26 @@
+"""MACE adapter of e2ip: evidential force covariances for mace-torch models.
+
+- :mod:`mace_ext.hooks` — every MACE name the adapter wraps/subclasses, with a check;
+- :mod:`mace_ext.model` — ``attach_e2ip_head``, ``E2IPMACE``, ``E2IPScaleShiftMACE``;
+- :mod:`mace_ext.loss` — ``E2IPLoss`` (MACE loss + evidential term), ``E2IPMACELoss`` (metrics);
+- :mod:`mace_ext.cli` — ``mace_run_train_e2ip``;
+- :mod:`mace_ext.calculator` — ``E2IPMACECalculator`` (ASE).
+"""
+
+import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)
+
+from .calculator import COMMITTEE_KEY, E2IPMACECalculator
+from .hooks import HOOKS, MACEHookError, verify_hooks
+from .model import (
+    COVARIANCE_KEYS,
+    E2IPConfigError,
+    E2IPMACE,
+    E2IPScaleShiftMACE,
+    attach_e2ip_head,
+    predictive_from_output,
+)
+
+__all__ = [
+    "COMMITTEE_KEY", "COVARIANCE_KEYS", "E2IPConfigError", "E2IPMACE", "E2IPMACECalculator", "E2IPScaleShiftMACE",
+    "HOOKS", "MACEHookError", "attach_e2ip_head", "predictive_from_output", "verify_hooks",
+]

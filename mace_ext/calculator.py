@@ -1,0 +1,108 @@
+"""ASE calculator for MACE models with an e2ip/eip head (DESIGN §3).
+
+``E2IPMACECalculator`` is ``mace.calculators.MACECalculator`` (same arguments: one
+or several ``model_paths``, ``device``, ``default_dtype``, ...) that also fills
+
+=================================  =========  =====================================================
+``forces_covariance``              (N,3,3)    total predictive covariance U_tot, (eV/Å)²
+``forces_covariance_epistemic``    (N,3,3)    U_epi
+``forces_covariance_aleatoric``    (N,3,3)    U_ale
+``forces_uncertainty``             (N,)       u_i = sqrt(tr U_epi / 3), eV/Å
+``forces_covariance_committee``    (N,3,3)    committees only: 3×3 sample covariance of the members'
+                                              forces, 1/(K−1) Σ_k (F_k − F̄)(F_k − F̄)ᵀ
+=================================  =========  =====================================================
+
+With K > 1 models, the head covariances are averaged over the members and the
+committee's spread is added to the epistemic (and total) part:
+U_epi = mean_k U_epi,k + committee covariance; ``forces_uncertainty`` is then
+computed from that U_epi. Models without a head (plain MACE committees) give only
+the committee keys, and need K ≥ 2. All keys are in ``implemented_properties``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from ase.calculators.calculator import all_changes
+
+import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)
+from e2ip_plugins import ensemble_predictive
+from e2ip_plugins.predictive import atom_uncertainty
+from mace.calculators.mace import MACECalculator
+
+from .model import ATOM_LEVEL_KEYS, COVARIANCE_KEYS
+
+COMMITTEE_KEY = "forces_covariance_committee"
+_SHAPES = {
+    "forces_covariance": (3, 3),
+    "forces_covariance_epistemic": (3, 3),
+    "forces_covariance_aleatoric": (3, 3),
+    "forces_uncertainty": (),
+}
+
+
+class E2IPMACECalculator(MACECalculator):
+    """MACECalculator that reports the e2ip force covariances (see module docstring)."""
+
+    def __init__(self, model_paths=None, models=None, device: str = "cpu", default_dtype: str = "", **kwargs):
+        super().__init__(model_paths=model_paths, models=models, device=device, default_dtype=default_dtype, **kwargs)
+        self.has_head = all(hasattr(m, "e2ip_head") for m in self.models)
+        if not self.has_head and self.num_models < 2:
+            raise ValueError(
+                "E2IPMACECalculator needs a model trained with mace_run_train_e2ip (it has no e2ip head) "
+                "or a committee of >= 2 models"
+            )
+        extra = list(COVARIANCE_KEYS)
+        if self.num_models > 1:
+            extra.append(COMMITTEE_KEY)
+        # instance copy: MACECalculator extends ASE's class-level list in place
+        self.implemented_properties = list(dict.fromkeys(list(self.implemented_properties) + extra))
+        self._e2ip_ret: Optional[Dict[str, torch.Tensor]] = None
+
+    @staticmethod
+    def _slice_real_outputs(out, num_real_atoms: int):
+        sliced = MACECalculator._slice_real_outputs(out, num_real_atoms)
+        for key in ATOM_LEVEL_KEYS:
+            value = sliced.get(key)
+            if torch.is_tensor(value):
+                sliced[key] = value[:num_real_atoms]
+        return sliced
+
+    def _create_result_tensors(self, num_models: int, num_atoms: int, batch, out: dict):
+        dict_of_tensors, node_e0 = super()._create_result_tensors(num_models, num_atoms, batch, out)
+        for key, shape in _SHAPES.items():
+            if out.get(key) is not None:
+                dict_of_tensors[key] = torch.zeros(num_models, num_atoms, *shape, device=self.device, dtype=out[key].dtype)
+        if "forces" not in dict_of_tensors and out.get("forces") is not None:  # pragma: no cover
+            dict_of_tensors["forces"] = torch.zeros(num_models, num_atoms, 3, device=self.device, dtype=out["forces"].dtype)
+        self._e2ip_ret = dict_of_tensors  # filled in place by MACECalculator.calculate
+        return dict_of_tensors, node_e0
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        self._e2ip_ret = None
+        super().calculate(atoms, properties, system_changes)
+        ret = self._e2ip_ret
+        if ret is None:  # pragma: no cover
+            return
+        conv_f = self.energy_units_to_eV / self.length_units_to_A
+        conv2 = conv_f**2
+        cov = {k: ret[k].mean(0) for k in ("forces_covariance", "forces_covariance_epistemic",
+                                             "forces_covariance_aleatoric") if k in ret}
+        if self.num_models > 1 and "forces" in ret:
+            committee = ensemble_predictive(ret["forces"], jitter=0.0).covariance_epistemic
+            self.results[COMMITTEE_KEY] = (committee * conv2).cpu().numpy()
+            if cov:
+                cov["forces_covariance_epistemic"] = cov["forces_covariance_epistemic"] + committee
+                cov["forces_covariance"] = cov["forces_covariance"] + committee
+            else:
+                zeros = torch.zeros_like(committee)
+                cov = {"forces_covariance": committee, "forces_covariance_epistemic": committee,
+                       "forces_covariance_aleatoric": zeros}
+        for key, value in cov.items():
+            self.results[key] = (value * conv2).cpu().numpy()
+        if "forces_covariance_epistemic" in cov:
+            self.results["forces_uncertainty"] = (atom_uncertainty(cov["forces_covariance_epistemic"]) * conv_f).cpu().numpy()
+
+
+__all__ = ["COMMITTEE_KEY", "E2IPMACECalculator"]

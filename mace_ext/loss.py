@@ -1,0 +1,118 @@
+"""MACE loss and evaluation metric with the evidential force term (DESIGN §2.1, §4).
+
+:class:`E2IPLoss` wraps any MACE loss module ``base`` (energy/forces/stress ...):
+
+    loss = base(ref, pred) + w · mean_i[ c_i · L_i ]
+
+with ``L_i`` the per-atom evidential loss of the head that produced ``pred``
+(``e2ip_plugins.evidential_force_loss`` or ``e2ip_plugins.eip_loss``), ``c_i`` the
+configuration weight × forces weight of atom i's structure (as in MACE's force MSE),
+and the mean DDP-corrected with MACE's ``reduce_loss``. ``sigma_f`` (σ_F, eV/Å)
+makes the regulariser dimensionless; ``mace_run_train_e2ip`` sets it to the RMS of
+the training forces (see :mod:`mace_ext.cli`).
+
+:class:`E2IPMACELoss` is MACE's ``MACELoss`` evaluation metric plus the UQ metric
+columns of ``e2ip_plugins.metrics`` as torchmetrics ``cat`` states (so they are
+gathered across DDP ranks like MACE's own ``delta_fs``); ``compute()`` adds
+``forces_nll``, ``forces_spearman``, ... to MACE's aux dict.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from e2ip_plugins import eip_loss, evidential_force_loss
+from e2ip_plugins.metrics import COLUMNS, UQMetricState, atom_columns
+from mace.modules.loss import reduce_loss
+from mace.tools.train import MACELoss
+
+from .model import head_out_from_output, output_head_type, predictive_from_output
+
+
+class E2IPLoss(torch.nn.Module):
+    """MACE loss + ``weight`` × mean per-atom evidential loss (see module docstring)."""
+
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        weight: float = 1.0,
+        reg_weight: float = 0.1,
+        sigma_f: float = 1.0,
+        detach_mean: bool = False,
+        residual_metric: str = "euclidean",
+        quantile: float = 0.5,
+    ):
+        super().__init__()
+        self.base = base
+        self.weight = float(weight)
+        self.reg_weight = float(reg_weight)
+        self.sigma_f = float(sigma_f)
+        self.detach_mean = bool(detach_mean)
+        self.residual_metric = residual_metric
+        self.quantile = float(quantile)
+
+    def evidential_per_atom(self, ref, pred) -> torch.Tensor:
+        head_type = output_head_type(pred)
+        if head_type is None:
+            raise KeyError(
+                "E2IPLoss: the model output has no e2ip/eip evidence keys; the evidential head was not "
+                "attached (is the model built by mace_run_train_e2ip / mace_ext.attach_e2ip_head?)"
+            )
+        head_out = head_out_from_output(pred, head_type)
+        forces, y = pred["forces"], ref["forces"]
+        if head_type == "e2ip":
+            return evidential_force_loss(
+                forces, head_out, y, self.sigma_f, reg_weight=self.reg_weight,
+                residual_metric=self.residual_metric, detach_mean=self.detach_mean,
+            )
+        gamma = forces.detach() if self.detach_mean else forces
+        return eip_loss(y, gamma, head_out, q=self.quantile, reg_weight=self.reg_weight)
+
+    def forward(self, ref, pred, ddp: Optional[bool] = None) -> torch.Tensor:
+        loss = self.base(ref=ref, pred=pred, ddp=ddp)
+        if self.weight == 0.0:
+            return loss
+        per_atom = self.evidential_per_atom(ref, pred)
+        counts = ref.ptr[1:] - ref.ptr[:-1]
+        w = torch.repeat_interleave(ref.weight * ref.forces_weight, counts)
+        return loss + self.weight * reduce_loss(w * per_atom, ddp)
+
+    def __repr__(self) -> str:
+        return (
+            f"E2IPLoss(base={self.base!r}, weight={self.weight:.3g}, reg_weight={self.reg_weight:.3g}, "
+            f"sigma_f={self.sigma_f:.4g}, detach_mean={self.detach_mean}, residual_metric={self.residual_metric}, "
+            f"quantile={self.quantile})"
+        )
+
+
+class E2IPMACELoss(MACELoss):
+    """MACE's evaluation metric plus the DESIGN §4 UQ metrics (see module docstring)."""
+
+    def __init__(self, loss_fn: torch.nn.Module, quantile: float = 0.5):
+        super().__init__(loss_fn=loss_fn)
+        self.e2ip_quantile = float(getattr(loss_fn, "quantile", quantile))
+        for c in COLUMNS:
+            self.add_state(f"e2ip_col_{c}", default=[], dist_reduce_fx="cat")
+
+    def update(self, batch, output):  # pylint: disable=arguments-differ
+        super().update(batch, output)
+        if output_head_type(output) is None or output.get("forces") is None or batch.forces is None:
+            return
+        pred = predictive_from_output(output, self.e2ip_quantile)
+        for c, v in atom_columns(pred, batch.forces).items():
+            getattr(self, f"e2ip_col_{c}").append(v.detach().to(torch.float64).reshape(-1))
+
+    def compute(self):
+        loss, aux = super().compute()
+        parts = {c: getattr(self, f"e2ip_col_{c}") for c in COLUMNS}
+        if any(len(p) if isinstance(p, list) else p.numel() for p in parts.values()):
+            state = UQMetricState().update_columns(
+                {c: (torch.cat(p) if isinstance(p, list) else p) for c, p in parts.items()}
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                aux.update(state.compute())
+        return loss, aux

@@ -1,0 +1,238 @@
+"""MACE models with an evidential force-uncertainty head (DESIGN §2.1, §3).
+
+:func:`attach_e2ip_head` turns a built ``mace.modules.models.MACE`` or
+``ScaleShiftMACE`` into :class:`E2IPMACE` / :class:`E2IPScaleShiftMACE` (in place:
+the object's class is switched to the subclass and one submodule ``e2ip_head`` is
+added; every MACE parameter is kept). The subclass' ``forward`` runs MACE's own
+forward unchanged, reads the node features of the last product block whose output
+still carries l > 0 (the penultimate block in a standard MACE, whose last block is
+scalar-only) from MACE's ``node_feats`` output, and adds:
+
+================================  =========  ==========================================
+key                               shape      meaning
+================================  =========  ==========================================
+``forces_covariance``             (N,3,3)    total predictive covariance U_tot
+``forces_covariance_epistemic``   (N,3,3)    U_epi
+``forces_covariance_aleatoric``   (N,3,3)    U_ale
+``forces_uncertainty``            (N,)       u_i = sqrt(tr U_epi / 3)
+``e2ip_nu``, ``e2ip_kappa``       (N,)       NIW evidence (head ``e2ip``)
+``e2ip_sigma0``/``_inv``          (N,3,3)    Σ₀ and Σ₀⁻¹ (head ``e2ip``)
+``e2ip_sigma0_logdet``            (N,)       log|Σ₀| (head ``e2ip``)
+``eip_nu/alpha/beta``             (N,3)      per-component evidence (head ``eip``)
+================================  =========  ==========================================
+
+MACE's ``forces`` stay the mean γ. The model pickles like any MACE model
+(``torch.save``/``torch.load`` of a ``.model`` file; loading needs ``mace_ext``
+importable). It is not TorchScript-compilable (MACE's ``*_compiled.model`` export
+is skipped with a log message by MACE itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+import e2ip_plugins
+from e2ip_plugins import (
+    EIPHead,
+    EvidentialHead,
+    eip_predictive,
+    evidential_predictive,
+)
+from e2ip_plugins._e3nn import o3
+from mace.modules.models import MACE, ScaleShiftMACE
+
+HEAD_TYPES = ("e2ip", "eip")
+
+#: raw evidence keys in the model output, per head type: output key -> head dict key
+EVIDENCE_KEYS: Dict[str, Dict[str, str]] = {
+    "e2ip": {
+        "e2ip_nu": "nu",
+        "e2ip_kappa": "kappa",
+        "e2ip_sigma0": "sigma0",
+        "e2ip_sigma0_inv": "sigma0_inv",
+        "e2ip_sigma0_logdet": "sigma0_logdet",
+    },
+    "eip": {"eip_nu": "eip_nu", "eip_alpha": "eip_alpha", "eip_beta": "eip_beta"},
+}
+
+#: DESIGN §3 output keys every E2IP model adds
+COVARIANCE_KEYS = (
+    "forces_covariance",
+    "forces_covariance_epistemic",
+    "forces_covariance_aleatoric",
+    "forces_uncertainty",
+)
+
+#: all per-atom keys the E2IP models add (for padding removal etc.)
+ATOM_LEVEL_KEYS = COVARIANCE_KEYS + tuple(k for d in EVIDENCE_KEYS.values() for k in d)
+
+
+class E2IPConfigError(ValueError):
+    """The backbone cannot carry an evidential head (e.g. no l > 0 features to read)."""
+
+
+def _has_l_gt_0(irreps: "o3.Irreps") -> bool:
+    return any(ir.l > 0 for _, ir in o3.Irreps(irreps))
+
+
+def head_feature_slice(model: torch.nn.Module) -> Tuple[int, str, int, int]:
+    """(block index, irreps, start, stop) of the head's input inside MACE's ``node_feats`` output.
+
+    ``node_feats`` is the concatenation of every product block's output; the head reads
+    the last block whose irreps still carry l > 0.
+    """
+    irreps_list = [o3.Irreps(str(p.linear.irreps_out)) for p in model.products]
+    candidates = [i for i, irreps in enumerate(irreps_list) if _has_l_gt_0(irreps)]
+    if not candidates:
+        raise E2IPConfigError(
+            "The e2ip head needs a MACE product block whose node features carry l > 0 "
+            f"(1o/1e/2e), but the blocks output {[str(i) for i in irreps_list]}. MACE makes the "
+            "last interaction scalar-only, so use --num_interactions 2 or more and hidden irreps "
+            "with l > 0 (--max_L 1 or 2, e.g. --num_channels 32 --max_L 1)."
+        )
+    idx = candidates[-1]
+    start = sum(irreps.dim for irreps in irreps_list[:idx])
+    return idx, str(irreps_list[idx]), start, start + irreps_list[idx].dim
+
+
+def zeros_forces(out: Dict[str, Any], n: int, like: torch.Tensor) -> torch.Tensor:
+    f = out.get("forces")
+    return f if f is not None else like.new_zeros((n, 3))
+
+
+def head_out_from_output(out: Dict[str, Any], head_type: str) -> Dict[str, torch.Tensor]:
+    """The head's raw dict, rebuilt from a model output dict."""
+    return {hk: out[ok] for ok, hk in EVIDENCE_KEYS[head_type].items()}
+
+
+def output_head_type(out: Dict[str, Any]) -> Optional[str]:
+    """Which head produced this output dict (None if it holds no evidence)."""
+    for head_type, keys in EVIDENCE_KEYS.items():
+        if all(out.get(k) is not None for k in keys):
+            return head_type
+    return None
+
+
+def predictive_from_output(out: Dict[str, Any], quantile: float = 0.5, forces: Optional[torch.Tensor] = None):
+    """e2ip_plugins predictive (Student-t or per-component) of an E2IP model output dict."""
+    head_type = output_head_type(out)
+    if head_type is None:
+        raise KeyError("model output holds no e2ip/eip evidence keys")
+    head_out = head_out_from_output(out, head_type)
+    any_key = next(iter(head_out.values()))
+    gamma = forces if forces is not None else zeros_forces(out, any_key.shape[0], any_key)
+    if head_type == "e2ip":
+        return evidential_predictive(gamma, head_out)
+    return eip_predictive(gamma, head_out, q=quantile)
+
+
+class E2IPMixin:
+    """Adds the evidential head's outputs to a MACE model's forward (see module docstring)."""
+
+    e2ip_head_type: str
+    e2ip_quantile: float
+    e2ip_feat_start: int
+    e2ip_feat_stop: int
+
+    def forward(self, data: Dict[str, torch.Tensor], *args, **kwargs) -> Dict[str, Optional[torch.Tensor]]:
+        out = super().forward(data, *args, **kwargs)  # type: ignore[misc]
+        feats = out["node_feats"][:, self.e2ip_feat_start : self.e2ip_feat_stop]
+        head_out = self.e2ip_head(feats)
+        for out_key, head_key in EVIDENCE_KEYS[self.e2ip_head_type].items():
+            out[out_key] = head_out[head_key]
+        n = feats.shape[0]
+        forces = out.get("forces")
+        if forces is not None and forces.shape[0] != n:  # LAMMPS ghost atoms: keep local ones
+            forces = forces[:n]
+        pred = predictive_from_output(out, self.e2ip_quantile, forces=forces)
+        out["forces_covariance"] = pred.covariance
+        out["forces_covariance_epistemic"] = pred.covariance_epistemic
+        out["forces_covariance_aleatoric"] = pred.covariance_aleatoric
+        out["forces_uncertainty"] = pred.uncertainty
+        return out
+
+    def e2ip_config(self) -> Dict[str, Any]:
+        return {
+            "head": self.e2ip_head_type,
+            "quantile": self.e2ip_quantile,
+            "feature_block": int(self.e2ip_feature_block),
+            "irreps": self.e2ip_irreps,
+            "force_rms": float(self.e2ip_force_rms),
+        }
+
+
+class E2IPMACE(E2IPMixin, MACE):
+    """``mace.modules.models.MACE`` plus the evidential head (build with :func:`attach_e2ip_head`)."""
+
+
+class E2IPScaleShiftMACE(E2IPMixin, ScaleShiftMACE):
+    """``mace.modules.models.ScaleShiftMACE`` plus the evidential head (build with :func:`attach_e2ip_head`)."""
+
+
+_SUBCLASS = {MACE: E2IPMACE, ScaleShiftMACE: E2IPScaleShiftMACE}
+
+
+def attach_e2ip_head(
+    model: torch.nn.Module,
+    head: str = "e2ip",
+    force_rms: float = 1.0,
+    num_channels: int = 16,
+    mlp_hidden: int = 32,
+    quantile: float = 0.5,
+    **head_kwargs: Any,
+) -> torch.nn.Module:
+    """Attach an ``e2ip`` (EvidentialHead) or ``eip`` (EIPHead) head to a MACE model, in place.
+
+    ``force_rms`` is σ_F (eV/Å), the force scale of Σ₀ (ignored by ``eip``). The head
+    is created in the default dtype and moved to the model's device/dtype. Returns the
+    same object, now an :class:`E2IPMACE` or :class:`E2IPScaleShiftMACE`.
+    """
+    if head not in HEAD_TYPES:
+        raise E2IPConfigError(f"e2ip head must be one of {HEAD_TYPES}, got {head!r}")
+    if isinstance(model, E2IPMixin):
+        raise E2IPConfigError("this model already carries an e2ip head")
+    base = type(model)
+    if base not in _SUBCLASS:
+        raise E2IPConfigError(
+            f"The e2ip head supports MACE models of class MACE or ScaleShiftMACE (--model MACE or "
+            f"--model ScaleShiftMACE), got {base.__name__}."
+        )
+    idx, irreps, start, stop = head_feature_slice(model)
+    try:
+        if head == "e2ip":
+            module = EvidentialHead(
+                irreps, force_rms=float(force_rms), num_channels=num_channels, mlp_hidden=mlp_hidden, **head_kwargs
+            )
+        else:
+            module = EIPHead(irreps, num_channels=num_channels, mlp_hidden=mlp_hidden, **head_kwargs)
+    except ValueError as exc:
+        raise E2IPConfigError(str(exc)) from exc
+    try:
+        ref = next(model.parameters())
+        module = module.to(device=ref.device, dtype=ref.dtype)
+    except StopIteration:  # pragma: no cover
+        pass
+    model.__class__ = _SUBCLASS[base]
+    model.e2ip_head = module  # registers the submodule
+    model.e2ip_head_type = head
+    model.e2ip_quantile = float(quantile)
+    model.e2ip_feature_block = idx
+    model.e2ip_irreps = irreps
+    model.e2ip_feat_start = int(start)
+    model.e2ip_feat_stop = int(stop)
+    model.e2ip_force_rms = float(force_rms)
+    logging.info(
+        f"e2ip: attached '{head}' head reading product block {idx} ({irreps}), sigma_F = {force_rms:.4g} eV/A, "
+        f"{sum(p.numel() for p in module.parameters())} head parameters"
+    )
+    return model
+
+
+__all__ = [
+    "ATOM_LEVEL_KEYS", "COVARIANCE_KEYS", "E2IPConfigError", "E2IPMACE", "E2IPScaleShiftMACE", "EVIDENCE_KEYS",
+    "attach_e2ip_head", "head_feature_slice", "head_out_from_output", "output_head_type", "predictive_from_output",
+]
+_ = e2ip_plugins  # core import first (allow-lists e3nn's constants before mace imports e3nn)

@@ -1,0 +1,3 @@
+import pytest
+
+pytest.importorskip("mace", reason="MACE adapter tests need the mace-torch environment (.venv-mace)")
