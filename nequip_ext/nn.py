@@ -34,6 +34,17 @@ _COV_OUT = {
 }
 
 
+def _write_covariances(
+    data: AtomicDataDict.Type, tot: torch.Tensor, epi: torch.Tensor, ale: torch.Tensor
+) -> AtomicDataDict.Type:
+    """Write the DESIGN §3 covariance keys and u_i into the graph dict."""
+    data[K.FORCES_COVARIANCE_KEY] = tot
+    data[K.FORCES_COVARIANCE_EPISTEMIC_KEY] = epi
+    data[K.FORCES_COVARIANCE_ALEATORIC_KEY] = ale
+    data[K.FORCES_UNCERTAINTY_KEY] = covariance_uncertainty(epi)
+    return data
+
+
 class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
     """Equivariant NIW evidential head (DESIGN §2.1) as a NequIP graph module.
 
@@ -69,11 +80,7 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
         data[K.E2IP_SIGMA0_KEY] = out["sigma0"]
         data[K.E2IP_SIGMA0_INV_KEY] = out["sigma0_inv"]
         data[K.E2IP_SIGMA0_LOGDET_KEY] = out["sigma0_logdet"]
-        data[K.FORCES_COVARIANCE_KEY] = tot
-        data[K.FORCES_COVARIANCE_EPISTEMIC_KEY] = epi
-        data[K.FORCES_COVARIANCE_ALEATORIC_KEY] = ale
-        data[K.FORCES_UNCERTAINTY_KEY] = covariance_uncertainty(epi)
-        return data
+        return _write_covariances(data, tot, epi, ale)
 
 
 class EIPHeadModule(GraphModuleMixin, torch.nn.Module):
@@ -114,8 +121,4 @@ class EIPHeadModule(GraphModuleMixin, torch.nn.Module):
         data[K.EIP_NU_KEY] = out["eip_nu"]
         data[K.EIP_ALPHA_KEY] = out["eip_alpha"]
         data[K.EIP_BETA_KEY] = out["eip_beta"]
-        data[K.FORCES_COVARIANCE_KEY] = tot
-        data[K.FORCES_COVARIANCE_EPISTEMIC_KEY] = epi
-        data[K.FORCES_COVARIANCE_ALEATORIC_KEY] = ale
-        data[K.FORCES_UNCERTAINTY_KEY] = covariance_uncertainty(epi)
-        return data
+        return _write_covariances(data, tot, epi, ale)
