@@ -28,7 +28,7 @@ def test_nequip_train_cli(tmp_path, config):
     cmd = [
         str(nequip_train),
         "-cp",
-        str(REPO / "configs" / "nequip"),  # Hydra resolves a relative -cp against nequip.scripts, so pass it absolute
+        "configs/nequip",  # relative, as the README says: hydra_plugins/e2ip_config_path resolves it in the cwd
         "-cn",
         config,
         f"hydra.run.dir={tmp_path}",
@@ -53,3 +53,20 @@ def test_nequip_train_cli(tmp_path, config):
         assert f"val0_epoch/{name}" in vals
     cov90 = float(vals["test0_epoch/forces_coverage_90"])
     assert 0.0 <= cov90 <= 1.0
+
+
+def test_relative_config_path_rewrite(tmp_path):
+    """The Hydra plugin maps only ``pkg://nequip.scripts/<rel>`` to an existing ``<cwd>/<rel>``."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+    from hydra_plugins.e2ip_config_path import NequIPRelativeConfigPath, cwd_config_dir
+
+    discovered = {f"{c.__module__}.{c.__qualname__}" for c in Plugins.instance().discover(SearchPathPlugin)}
+    assert f"{NequIPRelativeConfigPath.__module__}.NequIPRelativeConfigPath" in discovered
+    (tmp_path / "configs" / "nequip").mkdir(parents=True)
+    assert cwd_config_dir("pkg://nequip.scripts/configs/nequip", str(tmp_path)) == "file://" + str(
+        tmp_path / "configs" / "nequip"
+    )
+    assert cwd_config_dir("pkg://nequip.scripts/missing", str(tmp_path)) is None
+    assert cwd_config_dir("pkg://otherapp/configs/nequip", str(tmp_path)) is None
+    assert cwd_config_dir("/abs/configs", str(tmp_path)) is None
