@@ -4,7 +4,8 @@
 - :mod:`mace_ext.model` — ``attach_e2ip_head``, ``E2IPMACE``, ``E2IPScaleShiftMACE``;
 - :mod:`mace_ext.loss` — ``E2IPLoss`` (MACE loss + evidential term), ``E2IPMACELoss`` (metrics);
 - :mod:`mace_ext.cli` — ``mace_run_train_e2ip``;
-- :mod:`mace_ext.calculator` — ``E2IPMACECalculator`` (ASE).
+- :mod:`mace_ext.calculator` — ``E2IPMACECalculator`` (ASE);
+- :mod:`mace_ext.eval_configs` — ``mace_eval_configs_e2ip`` (covariances and exact UQ metrics on a file).
 """
 
 import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)

@@ -12,6 +12,12 @@ or several ``model_paths``, ``device``, ``default_dtype``, ...) that also fills
                                               forces, 1/(K−1) Σ_k (F_k − F̄)(F_k − F̄)ᵀ
 =================================  =========  =====================================================
 
+``calc.predictive()`` gives, for one model, the exact ``e2ip_plugins`` predictive of
+the last calculation (``StudentTPredictive`` for an ``e2ip`` head,
+``IndependentStudentTPredictive`` for ``eip``; eV/Å), from the raw evidence the model
+returns (``calc.e2ip_evidence``: ``e2ip_nu``, ``e2ip_kappa``, ``e2ip_sigma0``, ... as
+(K, N, ...) arrays).
+
 With K > 1 models, the head covariances are averaged over the members and the
 committee's spread is added to the epistemic (and total) part:
 U_epi = mean_k U_epi,k + committee covariance; ``forces_uncertainty`` is then
@@ -21,8 +27,10 @@ the committee keys, and need K ≥ 2. All keys are in ``implemented_properties``
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 from ase.calculators.calculator import all_changes
 
@@ -31,7 +39,9 @@ from e2ip_plugins import ensemble_predictive
 from e2ip_plugins.predictive import atom_uncertainty
 from mace.calculators.mace import MACECalculator
 
-from .model import ATOM_LEVEL_KEYS, COVARIANCE_KEYS
+from .model import ATOM_LEVEL_KEYS, COVARIANCE_KEYS, predictive_from_output
+
+EVIDENCE_KEYS = tuple(k for k in ATOM_LEVEL_KEYS if k not in COVARIANCE_KEYS)
 
 COMMITTEE_KEY = "forces_covariance_committee"
 _SHAPES = {
@@ -59,6 +69,7 @@ class E2IPMACECalculator(MACECalculator):
         # instance copy: MACECalculator extends ASE's class-level list in place
         self.implemented_properties = list(dict.fromkeys(list(self.implemented_properties) + extra))
         self._e2ip_ret: Optional[Dict[str, torch.Tensor]] = None
+        self.e2ip_evidence: Dict[str, np.ndarray] = {}
 
     @staticmethod
     def _slice_real_outputs(out, num_real_atoms: int):
@@ -74,6 +85,11 @@ class E2IPMACECalculator(MACECalculator):
         for key, shape in _SHAPES.items():
             if out.get(key) is not None:
                 dict_of_tensors[key] = torch.zeros(num_models, num_atoms, *shape, device=self.device, dtype=out[key].dtype)
+        for key in EVIDENCE_KEYS:  # raw head outputs, for the exact predictive
+            if torch.is_tensor(out.get(key)):
+                dict_of_tensors[key] = torch.zeros(
+                    num_models, num_atoms, *out[key].shape[1:], device=self.device, dtype=out[key].dtype
+                )
         if "forces" not in dict_of_tensors and out.get("forces") is not None:  # pragma: no cover
             dict_of_tensors["forces"] = torch.zeros(num_models, num_atoms, 3, device=self.device, dtype=out["forces"].dtype)
         self._e2ip_ret = dict_of_tensors  # filled in place by MACECalculator.calculate
@@ -81,10 +97,12 @@ class E2IPMACECalculator(MACECalculator):
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         self._e2ip_ret = None
+        self.e2ip_evidence = {}
         super().calculate(atoms, properties, system_changes)
         ret = self._e2ip_ret
         if ret is None:  # pragma: no cover
             return
+        self.e2ip_evidence = {k: ret[k].cpu().numpy() for k in EVIDENCE_KEYS if k in ret}
         conv_f = self.energy_units_to_eV / self.length_units_to_A
         conv2 = conv_f**2
         cov = {k: ret[k].mean(0) for k in ("forces_covariance", "forces_covariance_epistemic",
@@ -103,6 +121,26 @@ class E2IPMACECalculator(MACECalculator):
             self.results[key] = (value * conv2).cpu().numpy()
         if "forces_covariance_epistemic" in cov:
             self.results["forces_uncertainty"] = (atom_uncertainty(cov["forces_covariance_epistemic"]) * conv_f).cpu().numpy()
+
+    def predictive(self):
+        """Exact per-atom predictive of the last calculation (one model only), in eV/Å.
+
+        ``StudentTPredictive`` (``e2ip`` head) or ``IndependentStudentTPredictive`` (``eip``),
+        built by ``e2ip_plugins`` from the model's raw evidence and forces; a committee's
+        predictive is a mixture, which this does not provide (raises ``ValueError``).
+        """
+        if self.num_models != 1 or not self.has_head:
+            raise ValueError("the exact predictive needs exactly one model with an e2ip/eip head")
+        if not self.e2ip_evidence or "forces" not in self.results:
+            raise ValueError("no calculation with evidence outputs yet")
+        conv_f = self.energy_units_to_eV / self.length_units_to_A
+        out = {k: torch.as_tensor(v[0]) for k, v in self.e2ip_evidence.items()}
+        forces = torch.as_tensor(np.asarray(self.results["forces"]), dtype=next(iter(out.values())).dtype)
+        quantile = float(getattr(self.models[0], "e2ip_quantile", 0.5))
+        pred = predictive_from_output(out, quantile, forces=forces / conv_f)  # model units
+        if conv_f == 1.0:
+            return pred
+        return dataclasses.replace(pred.scaled(conv_f**2), mean=pred.mean * conv_f)
 
 
 __all__ = ["COMMITTEE_KEY", "E2IPMACECalculator"]

@@ -34,7 +34,24 @@ names listed in :mod:`mace_ext.hooks`:
   ``<head>.valid_rmse_f``, under ``<head>_e2ip.valid_forces_*`` (a separate
   top-level key, so neither log overwrites the other).
 
-The final error tables (``create_error_table``) stay MACE's (no UQ columns).
+- ``create_error_table`` (the final TRAIN/VALID/TEST tables after training, per
+  stage): the table gets the UQ columns ``forces_nll``, ``forces_spearman``,
+  ``forces_auroc``, ``forces_miscal_area``, ``forces_coverage_90`` and
+  ``forces_sharpness`` (mean u, meV/Å) next to MACE's RMSE/MAE columns, computed in the
+  same evaluation pass (``mace.tools.tables_utils.evaluate`` is wrapped to capture each
+  set's metric dict). MACE writes no results file for these tables; e2ip writes one
+  JSON line per set and stage (every MACE and UQ metric, full precision) to
+  ``<results_dir>/<tag>_e2ip_final.txt``, and with ``--wandb`` logs
+  ``<set>_final_forces_*`` next to MACE's ``<set>_final_rmse_f``;
+- ``init_distributed`` and ``DDP`` (``--distributed --launcher torchrun --device cpu``):
+  MACE 0.3.16 opens a process group only for cuda/xpu and passes
+  ``device_ids=[local_rank]`` to DDP, which torch refuses for CPU modules; on CPU a gloo
+  group is opened and ``device_ids`` dropped. σ_F is broadcast from rank 0 so every
+  rank's loss uses the value DDP broadcasts into the model.
+
+After MACE's run, ``<name>_compiled.model`` (and ``_stagetwo_compiled.model``; MACE
+compiles with ``e3nn.util.jit.compile`` and silently skips the file on any error) is
+checked: if it is missing, the compile is retried to log the reason as an error.
 
 σ_F (the force scale of Σ₀ and the unit of the regulariser's residual): with MACE's
 default ``--scaling rms_forces_scaling`` and one head, MACE's own RMS of the training
@@ -47,10 +64,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
+import os
 import sys
-from typing import List, Optional
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
 
 import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)
 from e2ip_plugins._e3nn import o3
@@ -67,6 +90,38 @@ UQ_LOG_KEYS = (
     "forces_nll", "forces_spearman", "forces_auroc", "forces_coverage_50", "forces_coverage_90",
     "forces_miscal_area", "forces_ence", "forces_sharpness",
 )
+
+
+#: UQ columns of the final error tables: (metric key, column header, factor, format)
+FINAL_TABLE_COLUMNS = (
+    ("forces_nll", "forces_nll", 1.0, "{:8.4f}"),
+    ("forces_spearman", "forces_spearman", 1.0, "{:8.4f}"),
+    ("forces_auroc", "forces_auroc", 1.0, "{:8.4f}"),
+    ("forces_miscal_area", "forces_miscal_area", 1.0, "{:8.4f}"),
+    ("forces_coverage_90", "forces_coverage_90", 1.0, "{:8.4f}"),
+    ("forces_sharpness", "forces_sharpness / meV / A", 1e3, "{:8.2f}"),
+)
+
+
+def _dist_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _dist_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _broadcast_float(value: float) -> float:
+    """Rank 0's value on every rank (identity without a process group)."""
+    if _dist_world() <= 1:
+        return value
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
 
 
 def _str2bool(value) -> bool:
@@ -201,6 +256,9 @@ class E2IPRun:
         self.losses: List = []
         self.sigma_f: Optional[float] = None
         self.model = None
+        self.rank = 0
+        self.final_tables = 0
+        self.started = time.time()
 
     # --- wrappers -------------------------------------------------------------------
     def _make_loss(self, base):
@@ -235,6 +293,9 @@ class E2IPRun:
             model, output_args = original(args, train_loader, *rest, **kwargs)
             a = self.args
             self.sigma_f = training_force_rms(a, train_loader)
+            if _dist_world() > 1:  # MACE's rms_forces_scaling is computed on each rank's shard
+                self.sigma_f = _broadcast_float(self.sigma_f)
+                logging.info(f"e2ip: sigma_F = {self.sigma_f:.4g} eV/A (rank 0's value, broadcast)")
             for loss in self.losses:
                 loss.sigma_f = self.sigma_f
             model = attach_e2ip_head(
@@ -310,6 +371,109 @@ class E2IPRun:
 
         return valid_err_log
 
+    def wrap_init_distributed(self, original):
+        def init_distributed(args):
+            rank, local_rank, world_size = original(args)
+            dist = torch.distributed
+            if args.distributed and world_size > 1 and not dist.is_initialized() and str(args.device) == "cpu":
+                dist.init_process_group(backend="gloo", init_method="env://", rank=rank, world_size=world_size)
+            self.rank = rank
+            return rank, local_rank, world_size
+
+        return init_distributed
+
+    def wrap_ddp(self, original):
+        class DDP(original):  # a subclass, so isinstance(..., DistributedDataParallel) still holds
+            def __init__(self, module, device_ids=None, *args, **kwargs):
+                if device_ids is not None and all(p.device.type == "cpu" for p in module.parameters()):
+                    device_ids = None  # torch: device_ids only for single-device GPU modules
+                super().__init__(module, device_ids, *args, **kwargs)
+
+        return DDP
+
+    def _final_results(self, table, metrics_by_name: Dict[str, Dict[str, Any]]):
+        """Add the UQ columns to a final error table; W&B and results-file lines (rank 0)."""
+        names = [row[0] for row in table.rows]
+        if table.field_names and any(metrics_by_name.get(n, {}).get("forces_nll") is not None for n in names):
+            for key, header, factor, fmt in FINAL_TABLE_COLUMNS:
+                column = []
+                for n in names:
+                    value = metrics_by_name.get(n, {}).get(key)
+                    column.append(fmt.format(factor * value) if isinstance(value, float) else "-")
+                table.add_column(header, column)
+        if self.rank != 0 or not metrics_by_name:
+            return table
+        if any(n.startswith("train") for n in metrics_by_name) or self.final_tables == 0:
+            self.final_tables += 1
+        import numpy as np  # pylint: disable=import-outside-toplevel
+
+        get_tag = hooks.resolve(hooks.get_hook("mace.tools", "get_tag"))
+        metrics_logger = hooks.resolve(hooks.get_hook("mace.tools", "MetricsLogger"))
+        a = self.args
+        results_dir = getattr(a, "results_dir", None) or os.path.join(a.work_dir, "results")
+        logger = metrics_logger(directory=results_dir, tag=get_tag(name=a.name, seed=a.seed) + "_e2ip_final")
+        for name, metrics in metrics_by_name.items():
+            clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating)) and k != "time"}
+            logger.log({"mode": "final", "stage": self.final_tables, "set": name, **clean})
+        if getattr(a, "wandb", False):
+            try:
+                import wandb  # pylint: disable=import-outside-toplevel
+
+                if wandb.run is not None:
+                    wandb.log({f"{name}_final_{key}": m[key] for name, m in metrics_by_name.items()
+                               for key, *_ in FINAL_TABLE_COLUMNS if isinstance(m.get(key), float)})
+            except Exception as exc:  # pylint: disable=broad-except
+                logging.warning(f"e2ip: W&B logging of the final UQ metrics failed: {exc}")
+        return table
+
+    def wrap_create_error_table(self, original):
+        def create_error_table(table_type, all_data_loaders, model, loss_fn, output_args, log_wandb, device,
+                               distributed=False, skip_heads=None):
+            by_loader = {id(loader): name for name, loader in all_data_loaders.items()}
+            captured: Dict[str, Dict[str, Any]] = {}
+
+            def wrap_evaluate(evaluate):
+                def capture(*args, **kwargs):
+                    loss, metrics = evaluate(*args, **kwargs)
+                    loader = kwargs.get("data_loader", args[2] if len(args) > 2 else None)
+                    captured[by_loader.get(id(loader), f"set{len(captured)}")] = dict(metrics)
+                    return loss, metrics
+
+                return capture
+
+            original_evaluate = hooks.resolve(hooks.get_hook("mace.tools.tables_utils", "evaluate"))
+            with hooks.patched("mace.tools.tables_utils", "evaluate", wrap_evaluate(original_evaluate)):
+                table = original(table_type, all_data_loaders, model, loss_fn, output_args, log_wandb, device,
+                                 distributed=distributed, skip_heads=skip_heads)
+            return self._final_results(table, captured)
+
+        return create_error_table
+
+    def check_compiled_models(self) -> None:
+        """Report (rank 0) a ``<name>[_stagetwo].model`` written without its ``_compiled.model``."""
+        a = self.args
+        if self.rank != 0 or getattr(a, "model_dir", None) is None:
+            return
+        for suffix in ("", "_stagetwo"):
+            eager = Path(a.model_dir) / f"{a.name}{suffix}.model"
+            compiled = Path(a.model_dir) / f"{a.name}{suffix}_compiled.model"
+            if not eager.exists() or eager.stat().st_mtime < self.started:
+                continue
+            if compiled.exists() and compiled.stat().st_mtime >= self.started:
+                logging.info(f"e2ip: TorchScript model with the covariance outputs: {compiled}")
+                continue
+            try:
+                from e3nn.util import jit  # pylint: disable=import-outside-toplevel
+
+                jit.compile(copy.deepcopy(torch.load(eager, map_location="cpu", weights_only=False)))
+                reason = "compiling it now succeeds; the failure was in MACE's export step"
+            except Exception as exc:  # pylint: disable=broad-except
+                reason = f"{type(exc).__name__}: {exc}"
+            logging.error(
+                f"e2ip: MACE did not write {compiled} (it skips the TorchScript export silently on any error). "
+                f"Reason: {reason}. The eager model {eager} is complete."
+            )
+
     @contextlib.contextmanager
     def installed(self):
         wrappers = [
@@ -319,6 +483,9 @@ class E2IPRun:
             ("mace.cli.run_train", "get_params_options", self.wrap_get_params_options),
             ("mace.tools.train", "MACELoss", self.wrap_maceloss),
             ("mace.tools.train", "valid_err_log", self.wrap_valid_err_log),
+            ("mace.cli.run_train", "create_error_table", self.wrap_create_error_table),
+            ("mace.cli.run_train", "init_distributed", self.wrap_init_distributed),
+            ("mace.cli.run_train", "DDP", self.wrap_ddp),
         ]
         with contextlib.ExitStack() as stack:
             for module, attr, make in wrappers:
@@ -332,8 +499,10 @@ def run(args) -> None:
     hooks.verify_hooks()
     check_e2ip_args(args)
     mace_run = hooks.resolve(hooks.get_hook("mace.cli.run_train", "run"))
-    with E2IPRun(args).installed():
+    e2ip_run = E2IPRun(args)
+    with e2ip_run.installed():
         mace_run(args)
+    e2ip_run.check_compiled_models()
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -11,8 +11,18 @@ For every structure the output extxyz holds, with ``P`` = ``--info_prefix`` (MAC
 default ``MACE_``): ``P+energy`` (info), ``P+forces`` (N,3), ``P+forces_covariance``,
 ``P+forces_covariance_epistemic``, ``P+forces_covariance_aleatoric`` (N,9, row-major
 3×3), ``P+forces_uncertainty`` (N,) and ``P+forces_uncertainty_mean`` /
-``P+forces_uncertainty_max`` (info; mean and max over atoms, DESIGN §2.5).
+``P+forces_uncertainty_max`` (info; mean and max over atoms, DESIGN §2.5). With one
+model it also writes the raw evidence: ``P+e2ip_nu``, ``P+e2ip_kappa`` (N,) and
+``P+e2ip_sigma0`` (N,9) for an ``e2ip`` head, ``P+eip_nu``, ``P+eip_alpha``,
+``P+eip_beta`` (N,3) for ``eip``.
 It evaluates structure by structure through :class:`E2IPMACECalculator`.
+
+Metrics use the exact predictive (one model): the multivariate Student-t
+(``e2ip_plugins.StudentTPredictive``: df ν−2, location = forces, scale
+ν(1+κ)/(κ(ν−2))·Σ₀) for ``e2ip``, the per-component Student-t
+(``IndependentStudentTPredictive``) for ``eip``. A committee's predictive is a mixture;
+for K > 1 models the metrics use the moment-matched Gaussian of the committee
+covariances (``GaussianPredictive``), as stated in the printed ``predictive`` entry.
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ from e2ip_plugins import GaussianPredictive, UQMetricState
 from . import hooks
 from .calculator import COMMITTEE_KEY, E2IPMACECalculator
 from .model import COVARIANCE_KEYS
+
+#: raw evidence written per atom (single model); Σ₀⁻¹ and log|Σ₀| follow from Σ₀
+WRITTEN_EVIDENCE = ("e2ip_nu", "e2ip_kappa", "e2ip_sigma0", "eip_nu", "eip_alpha", "eip_beta")
 
 
 def _extra_parser() -> argparse.ArgumentParser:
@@ -67,6 +80,7 @@ def run(args) -> dict:
     prefix = args.info_prefix
     images = ase.io.read(args.configs, index=":")
     state = UQMetricState()
+    kind = None
     for atoms in images:
         ref = None
         if args.ref_forces_key:
@@ -82,20 +96,31 @@ def run(args) -> dict:
         for key in keys:
             value = np.asarray(res[key])
             atoms.arrays[prefix + key] = value.reshape(len(atoms), -1) if value.ndim == 3 else value
+        exact = calc.num_models == 1 and calc.has_head
+        if exact:
+            for key, value in calc.e2ip_evidence.items():
+                if key in WRITTEN_EVIDENCE:
+                    atoms.arrays[prefix + key] = value[0].reshape(len(atoms), -1) if value.ndim == 4 else value[0]
         u = np.asarray(res["forces_uncertainty"])
         atoms.info[prefix + "forces_uncertainty_mean"] = float(u.mean())
         atoms.info[prefix + "forces_uncertainty_max"] = float(u.max())
         if ref is not None:
             t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
-            pred = GaussianPredictive(  # moment-matched Gaussian of the calculator's covariance
-                mean=t(forces), cov_epistemic=t(res["forces_covariance_epistemic"]),
-                cov_aleatoric=t(res["forces_covariance_aleatoric"]),
-            )
+            if exact:
+                pred = calc.predictive()
+                kind = type(pred).__name__
+            else:  # committee: moment-matched Gaussian of the combined covariance
+                pred = GaussianPredictive(
+                    mean=t(forces), cov_epistemic=t(res["forces_covariance_epistemic"]),
+                    cov_aleatoric=t(res["forces_covariance_aleatoric"]),
+                )
+                kind = "GaussianPredictive (committee, moment-matched)"
             state.update(pred, t(ref))
         atoms.calc = None
     ase.io.write(args.output, images=images, format="extxyz")
     metrics = state.compute() if args.ref_forces_key else {}
     if metrics:
+        metrics["predictive"] = kind
         print(json.dumps(metrics, indent=1))
         if args.metrics_json:
             with open(args.metrics_json, "w", encoding="utf-8") as f:

@@ -46,9 +46,28 @@ HOOKS: Tuple[Hook, ...] = (
     Hook("mace.tools.train", "MACELoss", "wrap", "evaluation metric: adds the UQ metrics (DESIGN §4) to MACE's"),
     Hook("mace.tools.train", "valid_err_log", "wrap", "validation logging: logs the UQ metrics (and to W&B)"),
     Hook("mace.tools.train", "evaluate", "call", "MACE's evaluation loop (builds MACELoss by its global name)"),
+    Hook("mace.cli.run_train", "create_error_table", "wrap",
+         "final TRAIN/VALID/TEST error tables: UQ columns next to MACE's errors, W&B <set>_final_forces_*, "
+         "results/<tag>_e2ip_final.txt"),
+    Hook("mace.tools.tables_utils", "evaluate", "wrap",
+         "captures each set's metric dict while create_error_table runs (no second evaluation)"),
+    Hook("mace.tools", "get_tag", "call", "MACE's run tag, names results/<tag>_e2ip_final.txt"),
+    Hook("mace.tools", "MetricsLogger", "call", "writes results/<tag>_e2ip_final.txt (MACE's JSON-lines format)"),
+    Hook("mace.cli.run_train", "jit", "call",
+         "MACE writes <name>_compiled.model with jit.compile (e3nn.util.jit) and swallows errors; "
+         "mace_run_train_e2ip checks the file afterwards and reports why it is missing"),
+    # --- distributed training on CPU (mace_ext.cli) ---
+    Hook("mace.cli.run_train", "init_distributed", "wrap",
+         "--distributed --device cpu: opens a gloo process group (MACE opens one only for cuda/xpu)"),
+    Hook("mace.cli.run_train", "DDP", "wrap",
+         "--distributed --device cpu: drops MACE's device_ids=[local_rank], which torch refuses for CPU modules"),
     # --- model ---
     Hook("mace.modules.models", "MACE", "subclass", "E2IPMACE"),
     Hook("mace.modules.models", "ScaleShiftMACE", "subclass", "E2IPScaleShiftMACE"),
+    Hook("mace.modules.models", "MACE.forward", "call",
+         "E2IP forward re-declares its parameters (TorchScript needs them; checked by "
+         "mace_ext.model.check_forward_signature) and calls it under another name (TorchScript has no super())"),
+    Hook("mace.modules.models", "ScaleShiftMACE.forward", "call", "as MACE.forward"),
     Hook("mace.modules.loss", "reduce_loss", "call", "DDP-correct mean of the per-atom evidential loss"),
     # --- calculator ---
     Hook("mace.calculators.mace", "MACECalculator", "subclass", "E2IPMACECalculator"),
@@ -98,9 +117,13 @@ def resolve(hook: Hook) -> Any:
 
 
 def verify_hooks() -> List[str]:
-    """Check every hooked MACE name exists; return their qualified names. Raises MACEHookError."""
+    """Check every hooked MACE name exists (and MACE's forward signature is the one the E2IP
+    models re-declare); return their qualified names. Raises MACEHookError."""
     for hook in HOOKS:
         resolve(hook)
+    from .model import check_forward_signature  # pylint: disable=import-outside-toplevel
+
+    check_forward_signature()
     return [h.qualname for h in HOOKS]
 
 

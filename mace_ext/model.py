@@ -23,13 +23,13 @@ key                               shape      meaning
 
 MACE's ``forces`` stay the mean γ. The model pickles like any MACE model
 (``torch.save``/``torch.load`` of a ``.model`` file; loading needs ``mace_ext``
-importable). It is not TorchScript-compilable (MACE's ``*_compiled.model`` export
-is skipped with a log message by MACE itself).
+importable) and is TorchScript-compilable with ``e3nn.util.jit.compile`` like MACE's
+own models, so MACE's run writes ``<name>_compiled.model`` (``torch.jit.load``-able
+without ``mace_ext``), whose forward returns every key above.
 """
 
-from __future__ import annotations
-
 import logging
+import types
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -42,6 +42,7 @@ from e2ip_plugins import (
     evidential_predictive,
 )
 from e2ip_plugins._e3nn import o3
+from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
 from mace.modules.models import MACE, ScaleShiftMACE
 
 HEAD_TYPES = ("e2ip", "eip")
@@ -129,29 +130,79 @@ def predictive_from_output(out: Dict[str, Any], quantile: float = 0.5, forces: O
     return eip_predictive(gamma, head_out, q=quantile)
 
 
+#: MACE.forward / ScaleShiftMACE.forward parameters (mace-torch 0.3.16), re-declared by
+#: E2IPMixin.forward because TorchScript needs an explicit signature (checked by
+#: :func:`check_forward_signature`, called by ``attach_e2ip_head`` and the hook test)
+FORWARD_PARAMS = (
+    "data", "training", "compute_force", "compute_virials", "compute_stress", "compute_displacement",
+    "compute_hessian", "compute_edge_forces", "compute_atomic_stresses", "lammps_mliap",
+)
+
+
+def check_forward_signature() -> None:
+    """Raise :class:`mace_ext.hooks.MACEHookError` if MACE's forward signature moved."""
+    import inspect
+
+    from .hooks import MACEHookError, _installed_mace_version
+
+    for cls in (MACE, ScaleShiftMACE):
+        params = tuple(inspect.signature(cls.forward).parameters)[1:]
+        if params != FORWARD_PARAMS:
+            raise MACEHookError(
+                f"e2ip re-declares {cls.__name__}.forward's parameters {FORWARD_PARAMS} (mace-torch 0.3.16) "
+                f"for TorchScript, but the installed mace-torch {_installed_mace_version()} has {params}. "
+                "Update mace_ext.model.E2IPMixin.forward and FORWARD_PARAMS."
+            )
+
+
 class E2IPMixin:
-    """Adds the evidential head's outputs to a MACE model's forward (see module docstring)."""
+    """Adds the evidential head's outputs to a MACE model's forward (see module docstring).
 
-    e2ip_head_type: str
-    e2ip_quantile: float
-    e2ip_feat_start: int
-    e2ip_feat_stop: int
+    TorchScript-scriptable (``e3nn.util.jit.compile``, as MACE's run does for
+    ``<name>_compiled.model``): no ``super()`` (the backbone's forward is reached through
+    the class attribute ``_e2ip_backbone_forward``), an explicit signature, and the
+    covariances from the pure-torch maps of ``e2ip_plugins.head_covariance`` (the same
+    formulas as the predictive classes, tested equal in ``tests/core``).
+    """
 
-    def forward(self, data: Dict[str, torch.Tensor], *args, **kwargs) -> Dict[str, Optional[torch.Tensor]]:
-        out = super().forward(data, *args, **kwargs)  # type: ignore[misc]
-        feats = out["node_feats"][:, self.e2ip_feat_start : self.e2ip_feat_stop]
-        head_out = self.e2ip_head(feats)
-        for out_key, head_key in EVIDENCE_KEYS[self.e2ip_head_type].items():
-            out[out_key] = head_out[head_key]
-        n = feats.shape[0]
-        forces = out.get("forces")
-        if forces is not None and forces.shape[0] != n:  # LAMMPS ghost atoms: keep local ones
-            forces = forces[:n]
-        pred = predictive_from_output(out, self.e2ip_quantile, forces=forces)
-        out["forces_covariance"] = pred.covariance
-        out["forces_covariance_epistemic"] = pred.covariance_epistemic
-        out["forces_covariance_aleatoric"] = pred.covariance_aleatoric
-        out["forces_uncertainty"] = pred.uncertainty
+    def forward(
+        self,
+        data: Dict[str, torch.Tensor],
+        training: bool = False,
+        compute_force: bool = True,
+        compute_virials: bool = False,
+        compute_stress: bool = False,
+        compute_displacement: bool = False,
+        compute_hessian: bool = False,
+        compute_edge_forces: bool = False,
+        compute_atomic_stresses: bool = False,
+        lammps_mliap: bool = False,
+    ) -> Dict[str, Optional[torch.Tensor]]:
+        out = self._e2ip_backbone_forward(
+            data, training, compute_force, compute_virials, compute_stress, compute_displacement,
+            compute_hessian, compute_edge_forces, compute_atomic_stresses, lammps_mliap,
+        )
+        node_feats = out["node_feats"]
+        assert node_feats is not None
+        head_out = self.e2ip_head(node_feats[:, self.e2ip_feat_start : self.e2ip_feat_stop])
+        if self.e2ip_head_type == "e2ip":
+            out["e2ip_nu"] = head_out["nu"]
+            out["e2ip_kappa"] = head_out["kappa"]
+            out["e2ip_sigma0"] = head_out["sigma0"]
+            out["e2ip_sigma0_inv"] = head_out["sigma0_inv"]
+            out["e2ip_sigma0_logdet"] = head_out["sigma0_logdet"]
+            cov, cov_epi, cov_ale = niw_covariances(head_out["nu"], head_out["kappa"], head_out["sigma0"])
+        else:
+            out["eip_nu"] = head_out["eip_nu"]
+            out["eip_alpha"] = head_out["eip_alpha"]
+            out["eip_beta"] = head_out["eip_beta"]
+            cov, cov_epi, cov_ale = eip_covariances(
+                head_out["eip_nu"], head_out["eip_alpha"], head_out["eip_beta"], self.e2ip_quantile
+            )
+        out["forces_covariance"] = cov
+        out["forces_covariance_epistemic"] = cov_epi
+        out["forces_covariance_aleatoric"] = cov_ale
+        out["forces_uncertainty"] = covariance_uncertainty(cov_epi)
         return out
 
     def e2ip_config(self) -> Dict[str, Any]:
@@ -164,12 +215,32 @@ class E2IPMixin:
         }
 
 
+def _backbone_forward(cls) -> Any:
+    """``cls.forward`` as a function named ``_e2ip_backbone_forward``.
+
+    TorchScript has no ``super()``; it compiles a method under its function's
+    ``__name__``, so the backbone's forward is given a name of its own (same code,
+    globals, defaults and annotations; MACE's source is what TorchScript compiles).
+    """
+    fn = cls.forward
+    new = types.FunctionType(fn.__code__, fn.__globals__, "_e2ip_backbone_forward", fn.__defaults__, fn.__closure__)
+    new.__annotations__ = dict(fn.__annotations__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__module__ = fn.__module__
+    new.__qualname__ = f"{cls.__qualname__}._e2ip_backbone_forward"
+    return new
+
+
 class E2IPMACE(E2IPMixin, MACE):
     """``mace.modules.models.MACE`` plus the evidential head (build with :func:`attach_e2ip_head`)."""
+
+    _e2ip_backbone_forward = _backbone_forward(MACE)
 
 
 class E2IPScaleShiftMACE(E2IPMixin, ScaleShiftMACE):
     """``mace.modules.models.ScaleShiftMACE`` plus the evidential head (build with :func:`attach_e2ip_head`)."""
+
+    _e2ip_backbone_forward = _backbone_forward(ScaleShiftMACE)
 
 
 _SUBCLASS = {MACE: E2IPMACE, ScaleShiftMACE: E2IPScaleShiftMACE}
@@ -200,6 +271,7 @@ def attach_e2ip_head(
             f"The e2ip head supports MACE models of class MACE or ScaleShiftMACE (--model MACE or "
             f"--model ScaleShiftMACE), got {base.__name__}."
         )
+    check_forward_signature()
     idx, irreps, start, stop = head_feature_slice(model)
     try:
         if head == "e2ip":

@@ -1,4 +1,9 @@
-"""The real ``mace_run_train_e2ip`` console script (subprocess) on the shipped data."""
+"""The real ``mace_run_train_e2ip`` console script (subprocess) on the shipped data.
+
+One tiny training per head (module-scoped fixture) is checked for: the head trained,
+UQ metrics in MACE's results file, the final error tables with UQ columns, and the
+TorchScript ``_compiled.model`` reproducing the eager ``.model``.
+"""
 
 import json
 import os
@@ -35,17 +40,26 @@ def _train(tmp_path, *extra, config="configs/mace/e2ip.yaml", epochs=1):
     return proc, work
 
 
-def _results(work):
+def _results(work, pattern="*_train.txt"):
     rows = []
-    for f in (work / "results").glob("*_train.txt"):
+    for f in (work / "results").glob(pattern):
         rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return rows
 
 
-@pytest.mark.parametrize("config,head", [("configs/mace/e2ip.yaml", "e2ip"), ("configs/mace/eip.yaml", "eip")])
-def test_cli_trains_and_saves(tmp_path, config, head):
+@pytest.fixture(scope="module", params=[("configs/mace/e2ip.yaml", "e2ip"), ("configs/mace/eip.yaml", "eip")],
+                ids=["e2ip", "eip"])
+def trained(request, tmp_path_factory):
+    """(proc, work dir, head) of one tiny 1-epoch run with train/valid/test files."""
+    config, head = request.param
+    tmp_path = tmp_path_factory.mktemp(f"run_{head}")
     proc, work = _train(tmp_path, config=config)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc, work, head
+
+
+def test_cli_trains_and_saves(trained):
+    proc, work, head = trained
     log = proc.stdout + proc.stderr
     assert "optimizer group 'e2ip_head'" in log
     models = list(work.glob("*.model"))
@@ -59,6 +73,89 @@ def test_cli_trains_and_saves(tmp_path, config, head):
     evals = [r for r in _results(work) if r.get("mode") == "eval"]
     assert evals and "rmse_f" in evals[-1] and np.isfinite(evals[-1]["forces_nll"])
     assert "forces_spearman" in evals[-1] and "forces_coverage_90" in evals[-1]
+
+
+UQ_COLUMNS = ("forces_nll", "forces_spearman", "forces_auroc", "forces_miscal_area", "forces_coverage_90",
+              "forces_sharpness / meV / A")
+
+
+def _log_tables(log):
+    """{title: (header cells, [row cells])} of the PrettyTables MACE logs after 'Error-table on ...'."""
+    tables, lines = {}, log.splitlines()
+    for i, line in enumerate(lines):
+        if "Error-table on" not in line:
+            continue
+        block = []
+        for row in lines[i + 1:]:
+            if not row.startswith(("+", "|")):
+                break
+            if row.startswith("|"):
+                block.append([c.strip() for c in row.strip().strip("|").split("|")])
+        tables[line.split("Error-table on ")[1].rstrip(":")] = (block[0], block[1:])
+    return tables
+
+
+def test_final_tables_report_uq(trained):
+    """MACE's end-of-training TRAIN/VALID and TEST tables carry the DESIGN §4 UQ columns, finite."""
+    proc, work, _ = trained
+    tables = _log_tables(proc.stdout + proc.stderr)
+    assert set(tables) == {"TRAIN and VALID", "TEST"}, list(tables)
+    expected_rows = {"TRAIN and VALID": {"train_Default", "valid_Default"}, "TEST": None}
+    for title, (header, rows) in tables.items():
+        assert header[:3] == ["config_type", "RMSE E / meV / atom", "RMSE F / meV / A"]  # MACE's columns stay
+        for col in UQ_COLUMNS:
+            assert col in header, (title, header)
+        assert rows and (expected_rows[title] is None or {r[0] for r in rows} == expected_rows[title])
+        for row in rows:
+            values = {h: float(v) for h, v in zip(header[1:], row[1:])}
+            assert all(np.isfinite(values[c]) for c in UQ_COLUMNS), (title, row)
+            assert 0.0 <= values["forces_coverage_90"] <= 1.0 and values["forces_sharpness / meV / A"] > 0
+    # the same numbers, full precision, in results/<tag>_e2ip_final.txt
+    final = {r["set"]: r for r in _results(work, "*_e2ip_final.txt")}
+    assert set(final) >= {"train_Default", "valid_Default"} and len(final) == 3
+    header, rows = tables["TRAIN and VALID"]
+    valid = dict(zip(header, [r for r in rows if r[0] == "valid_Default"][0]))
+    assert float(valid["forces_nll"]) == pytest.approx(final["valid_Default"]["forces_nll"], abs=1e-4)
+    assert float(valid["RMSE F / meV / A"]) == pytest.approx(1e3 * final["valid_Default"]["rmse_f"], abs=0.1)
+    assert final["valid_Default"]["stage"] == 1 and final["valid_Default"]["mode"] == "final"
+
+
+def test_compiled_model_matches_eager(trained, f64):
+    """MACE's run wrote <name>_compiled.model (TorchScript); it reproduces the eager .model, covariances included."""
+    from mace import data
+    from mace.tools import torch_geometric, utils
+    from mace_ext.model import COVARIANCE_KEYS, EVIDENCE_KEYS
+
+    from .helpers import first_molecule
+
+    proc, work, head = trained
+    compiled_path = work / "iso7_e2ip_compiled.model" if head == "e2ip" else work / "iso7_eip_compiled.model"
+    assert compiled_path.exists(), sorted(p.name for p in work.iterdir())
+    assert "TorchScript model with the covariance outputs" in proc.stdout + proc.stderr
+    eager = torch.load(str(compiled_path).replace("_compiled", ""), weights_only=False)
+    compiled = torch.jit.load(str(compiled_path))
+    assert isinstance(compiled, torch.jit.ScriptModule)
+
+    z_table = utils.AtomicNumberTable([int(z) for z in eager.atomic_numbers])
+    r_max = float(eager.r_max)
+
+    def batch():
+        cfg = data.config_from_atoms(first_molecule())
+        ad = data.AtomicData.from_config(cfg, z_table=z_table, cutoff=r_max)
+        return torch_geometric.Batch.from_data_list([ad]).to_dict()
+
+    ref = eager(batch(), training=False)
+    out = compiled(batch(), training=False)
+    keys = ("energy", "forces") + COVARIANCE_KEYS + tuple(EVIDENCE_KEYS[head])
+    for key in keys:
+        assert out[key] is not None, key
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-12, msg=key)
+    assert out["forces_covariance"].shape == (19, 3, 3)
+    # loadable without the plugin (a LAMMPS/C++ or plain-torch user has no mace_ext)
+    code = ("import sys, torch; m = torch.jit.load(sys.argv[1]); "
+            "assert 'mace_ext' not in sys.modules and 'mace' not in sys.modules; print(m.original_name)")
+    res = subprocess.run([sys.executable, "-c", code, str(compiled_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "E2IPScaleShiftMACE" in res.stdout, res.stderr[-2000:]
 
 
 def test_cli_rejects_one_interaction(tmp_path):
@@ -84,11 +181,16 @@ def test_cli_stage_two_restart_and_wandb_offline(tmp_path):
     assert proc.returncode == 0, log[-4000:]
     assert "e2ip: stage-two loss: E2IPLoss" in log
     assert list(work.glob("*_stagetwo.model"))
-    # W&B offline run files hold the UQ metrics next to MACE's valid_rmse_f
+    assert (work / "iso7_e2ip_stagetwo_compiled.model").exists()  # TorchScript export of the stage-two model
+    # final tables of both stages, UQ included
+    stages = {(r["stage"], r["set"]) for r in _results(work, "*_e2ip_final.txt")}
+    assert {(1, "valid_Default"), (2, "valid_Default")} <= stages
+    # W&B offline run files hold the UQ metrics next to MACE's valid_rmse_f (per epoch and final)
     history = list(tmp_path.rglob("offline-run-*/files/wandb-summary.json")) + list(tmp_path.rglob("offline-run-*/*.wandb"))
     assert history, "no offline W&B run written"
     blob = b"".join(p.read_bytes() for p in tmp_path.rglob("offline-run-*/*.wandb"))
     assert b"valid_forces_nll" in blob and b"valid_rmse_f" in blob
+    assert b"valid_Default_final_forces_nll" in blob and b"valid_Default_final_rmse_f" in blob
 
     proc2, _ = _train(tmp_path, "--restart_latest", epochs=3)
     log2 = proc2.stdout + proc2.stderr

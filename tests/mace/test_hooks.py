@@ -33,3 +33,20 @@ def test_patched_restores_original():
     with pytest.raises(KeyError):
         with hooks.patched("mace.cli.run_train", "run_unlisted", None):
             pass
+
+
+def test_forward_signature_is_checked(monkeypatch):
+    """The E2IP models re-declare MACE's forward parameters (TorchScript); a mismatch must stop start-up."""
+    from mace_ext import model
+
+    model.check_forward_signature()  # the installed MACE matches
+    monkeypatch.setattr(model, "FORWARD_PARAMS", model.FORWARD_PARAMS[:-1])
+    with pytest.raises(hooks.MACEHookError, match="forward"):
+        hooks.verify_hooks()
+
+
+def test_new_wrap_hooks_listed():
+    names = hooks.verify_hooks()
+    for name in ("mace.cli.run_train.create_error_table", "mace.cli.run_train.init_distributed",
+                 "mace.cli.run_train.DDP", "mace.tools.tables_utils.evaluate"):
+        assert name in names
