@@ -53,7 +53,7 @@ def trained(request, tmp_path_factory):
     """(proc, work dir, head) of one tiny 1-epoch run with train/valid/test files."""
     config, head = request.param
     tmp_path = tmp_path_factory.mktemp(f"run_{head}")
-    proc, work = _train(tmp_path, config=config)
+    proc, work = _train(tmp_path, config=config, epochs=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc, work, head
 
@@ -73,6 +73,9 @@ def test_cli_trains_and_saves(trained):
     evals = [r for r in _results(work) if r.get("mode") == "eval"]
     assert evals and "rmse_f" in evals[-1] and np.isfinite(evals[-1]["forces_nll"])
     assert "forces_spearman" in evals[-1] and "forces_coverage_90" in evals[-1]
+    # MACE's initial evaluation (epoch None) is the untrained model: training lowered the force NLL
+    assert evals[0]["epoch"] is None and len(evals) >= 2
+    assert evals[-1]["forces_nll"] < evals[0]["forces_nll"], [(r["epoch"], r["forces_nll"]) for r in evals]
 
 
 UQ_COLUMNS = ("forces_nll", "forces_spearman", "forces_auroc", "forces_miscal_area", "forces_coverage_90",
@@ -182,6 +185,10 @@ def test_cli_stage_two_restart_and_wandb_offline(tmp_path):
     assert "e2ip: stage-two loss: E2IPLoss" in log
     assert list(work.glob("*_stagetwo.model"))
     assert (work / "iso7_e2ip_stagetwo_compiled.model").exists()  # TorchScript export of the stage-two model
+    # the head is still trained at stage two: its weights moved between the stage-one and stage-two models
+    stage1 = torch.load(work / "iso7_e2ip.model", weights_only=False).e2ip_head.state_dict()
+    stage2 = torch.load(work / "iso7_e2ip_stagetwo.model", weights_only=False).e2ip_head.state_dict()
+    assert any(not torch.equal(stage1[k], stage2[k]) for k in stage1 if stage1[k].is_floating_point())
     # final tables of both stages, UQ included
     stages = {(r["stage"], r["set"]) for r in _results(work, "*_e2ip_final.txt")}
     assert {(1, "valid_Default"), (2, "valid_Default")} <= stages
