@@ -5,8 +5,12 @@ TORCH_SPEC  ?= torch==2.13.0
 MACE_VENV   ?= .venv-mace
 NEQUIP_VENV ?= .venv-nequip
 PYTEST_ARGS ?=
+BENCH_PROFILE ?= quick
+BENCH_DATA  ?= ../shared/data
+BENCH_OUT   ?= bench_out
+BENCH_ARGS  ?=
 
-.PHONY: test test-mace test-nequip demo envs clean-envs
+.PHONY: test test-mace test-nequip demo bench envs clean-envs
 
 envs: $(MACE_VENV)/.e2ip-installed $(NEQUIP_VENV)/.e2ip-installed
 
@@ -32,8 +36,17 @@ test-nequip: $(NEQUIP_VENV)/.e2ip-installed
 
 test: test-mace test-nequip
 
+# the real job: nequip-train (configs/nequip/e2ip.yaml) on the shipped iso7 data, then the UQ table
+# (ID / OOD molecules / OOD 1200 K, raw and recalibrated on val) and plots in demo_out/
 demo: $(NEQUIP_VENV)/.e2ip-installed
-	WANDB_MODE=offline $(NEQUIP_VENV)/bin/python -m e2ip_plugins.demo --out demo_out
+	WANDB_MODE=offline $(NEQUIP_VENV)/bin/python -m nequip_ext.demo --out demo_out
+
+# Benchmark (benchmarks/run.py): plain vs e2ip vs eip vs 4-member ensemble on both backbones, each in its
+# own environment side by side; report in $(BENCH_OUT)/report.md. `make bench BENCH_PROFILE=full` on a GPU.
+bench: $(MACE_VENV)/.e2ip-installed $(NEQUIP_VENV)/.e2ip-installed
+	$(NEQUIP_VENV)/bin/python -m benchmarks.run --backbone both --profile $(BENCH_PROFILE) \
+		--data-dir $(BENCH_DATA) --out $(BENCH_OUT) \
+		--mace-python $(MACE_VENV)/bin/python --nequip-python $(NEQUIP_VENV)/bin/python $(BENCH_ARGS)
 
 clean-envs:
 	rm -rf $(MACE_VENV) $(NEQUIP_VENV)

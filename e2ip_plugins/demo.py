@@ -1,12 +1,15 @@
-"""``make demo`` (foundation stage): the e²IP core end to end on a synthetic task.
+"""Synthetic self-check of the e²IP core (no MLIP framework needed; runs in both environments).
+
+``make demo`` runs the real NequIP job (:mod:`nequip_ext.demo`: ``nequip-train`` on the shipped
+molecular data, then the UQ table); this module stays as the framework-free check of the core:
 
 A fixed random "teacher" head defines a true, anisotropic, feature-dependent force-noise
 covariance Σ_true(x); targets are y ~ N(0, Σ_true(x)) around a mean prediction γ = 0.
 A fresh e²IP head is trained with the evidential loss on training atoms, recalibrated
 on validation atoms, and evaluated on held-out test atoms. Prints a UQ table, checks
-equivariance of the trained head under a random rotation, and writes plots.
-(Until the NequIP integration lands this is the demo; it then becomes the real
-train → evaluate → UQ-table job on the shipped molecular data.)
+equivariance of the trained head under a random rotation, and writes plots::
+
+    python -m e2ip_plugins.demo --out /tmp/synthetic
 """
 
 from __future__ import annotations
