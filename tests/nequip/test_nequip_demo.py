@@ -20,7 +20,7 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "nequip_ext.demo", "--out", str(out), "--max-epochs", "1",
            "--num-features", "8", "--num-layers", "2", "--batch-size", "10"]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 

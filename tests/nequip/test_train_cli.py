@@ -37,7 +37,7 @@ def test_nequip_train_cli(tmp_path, config):
         f"val_file={DATA / 'iso7_val.xyz'}",
         f"test_file={test_files}",
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert (tmp_path / "best.ckpt").is_file() and (tmp_path / "last.ckpt").is_file()
