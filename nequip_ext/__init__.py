@@ -2,9 +2,10 @@
 
 Loaded by ``import nequip`` through the ``nequip.extension`` entry point
 (``init_always``). On import it only registers the plugin's output fields with
-NequIP's :func:`nequip.data.register_fields`; the model builder, loss, metrics
-and ASE calculator are imported lazily on first attribute access (so
-``torch.package`` and ``import nequip`` stay light), e.g. from YAML::
+NequIP's :func:`nequip.data.register_fields`, and the ``e2ip_ase`` compile target
+and packaging rules (:mod:`nequip_ext.compile`); the model builder, loss, metrics
+and ASE calculator (:class:`E2IPNequIPCalculator`) are imported lazily on first
+attribute access (so ``torch.package`` and ``import nequip`` stay light), e.g. from YAML::
 
     model:
       _target_: nequip_ext.EvidentialNequIPGNNModel
@@ -32,6 +33,19 @@ def _register() -> None:
 
 _register()
 
+
+def _register_deployment() -> None:
+    """``e2ip_ase`` compile target and packaging rules (:mod:`nequip_ext.compile`).
+
+    Imported by name so ``torch.package`` does not follow it into packaged models; skipped when this
+    file runs from inside a ``.nequip.zip`` (``__torch_package__``), where the loading environment's
+    own ``nequip_ext`` (if installed) has already registered them."""
+    if not globals().get("__torch_package__", False):
+        importlib.import_module("nequip_ext.compile").register()
+
+
+_register_deployment()
+
 _LAZY = {
     "EvidentialNequIPGNNModel": "nequip_ext.model",
     "E2IPHeadModule": "nequip_ext.nn",
@@ -40,6 +54,9 @@ _LAZY = {
     "EvidentialForceLossMetric": "nequip_ext.train",
     "UQMetrics": "nequip_ext.train",
     "UQScalarMetric": "nequip_ext.train",
+    "UQPlotsCallback": "nequip_ext.callbacks",
+    "E2IPNequIPCalculator": "nequip_ext.calculator",
+    "E2IP_ASE_TARGET": "nequip_ext.compile",
 }
 
 __all__ = sorted(_LAZY) + sorted(n for n in dir(_keys) if n.endswith("_KEY") or n.endswith("_KEYS"))

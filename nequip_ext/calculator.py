@@ -1,0 +1,104 @@
+"""``E2IPNequIPCalculator``: NequIP's ASE calculator plus the e2ip force covariances (DESIGN §3).
+
+A subclass of :class:`nequip.integrations.ase.NequIPCalculator` (energy, free_energy, energies,
+forces and stress exactly as NequIP fills them) whose ``results`` also hold, per atom,
+
+========================================  ==========  ==========================================
+key                                       shape       meaning
+========================================  ==========  ==========================================
+``forces_covariance``                     (N, 3, 3)   total predictive covariance U_tot (eV/Å)²
+``forces_covariance_epistemic``           (N, 3, 3)   U_epi (eV/Å)²
+``forces_covariance_aleatoric``           (N, 3, 3)   U_ale (eV/Å)²
+``forces_uncertainty``                    (N,)        u = sqrt(tr U_epi / 3) (eV/Å)
+========================================  ==========  ==========================================
+
+all listed in ``implemented_properties`` (so ``atoms.calc.get_property("forces_covariance")`` works).
+
+Loading::
+
+    # compiled: nequip-compile model.ckpt model.nequip.pt2 --mode aotinductor --device cpu --target e2ip_ase
+    calc = E2IPNequIPCalculator.from_compiled_model("model.nequip.pt2", device="cpu")
+    # eager, from a checkpoint or a `nequip-package build` file
+    calc = E2IPNequIPCalculator.from_saved_model("model.nequip.zip", device="cpu")
+
+AOTInductor models must be compiled with ``--target e2ip_ase`` (NequIP's plain ``ase`` target drops the
+covariance outputs); loading one compiled for another target raises a ``ValueError`` that says so.
+"""
+
+from pathlib import Path
+from typing import Dict, Union
+
+import torch
+
+from nequip.data import AtomicDataDict
+from nequip.integrations.ase import NequIPCalculator
+
+from . import _keys as K
+from .compile import E2IP_ASE_TARGET, E2IP_EXTRA_OUTPUTS, e2ip_ase_target
+
+_NEEDS_TARGET = (
+    "compile it with `nequip-compile <model> <out>.nequip.pt2 --mode aotinductor --device <device> "
+    f"--target {E2IP_ASE_TARGET}` (NequIP's `--target ase` drops the force covariances)"
+)
+
+
+class E2IPNequIPCalculator(NequIPCalculator):
+    """ASE calculator for :class:`~nequip_ext.EvidentialNequIPGNNModel` models (compiled, packaged or checkpoints).
+
+    Same constructor arguments as :class:`nequip.integrations.ase.NequIPCalculator`; build it with
+    :meth:`from_compiled_model` (``--target e2ip_ase`` artefacts) or :meth:`from_saved_model`.
+    Covariances scale with ``energy_units_to_eV / length_units_to_A`` squared, like forces squared.
+    """
+
+    implemented_properties = list(NequIPCalculator.implemented_properties) + list(E2IP_EXTRA_OUTPUTS)
+
+    @classmethod
+    def _get_aoti_compile_target(cls) -> Dict:
+        return e2ip_ase_target()
+
+    @classmethod
+    def from_compiled_model(cls, compile_path: Union[str, Path], device: Union[str, torch.device] = "cpu", **kwargs):
+        """Load a ``nequip-compile --mode aotinductor --target e2ip_ase`` model (``.nequip.pt2``).
+
+        Keyword arguments as :meth:`nequip.integrations.ase.NequIPCalculator.from_compiled_model`
+        (``chemical_species_to_atom_type_map``, ``neighborlist_backend``, ...). TorchScript models
+        (``.nequip.pth``, torch < 2.10 only) return every field and load as well.
+
+        Raises:
+            ValueError: an AOTInductor model compiled for another target (e.g. NequIP's ``--target ase``,
+                which drops the covariances); the message names ``--target e2ip_ase``.
+        """
+        try:
+            return super().from_compiled_model(compile_path, device=device, **kwargs)
+        except ValueError as err:
+            # nequip/model/inference_models/aotinductor.py:_resolve_aot_keys compares the fields this class asks
+            # for (the e2ip_ase target) with those stored in the artefact and raises ValueError if they differ
+            if "do not match metadata" not in str(err):
+                raise
+            raise ValueError(
+                f"`{compile_path}` was not compiled with `--target {E2IP_ASE_TARGET}`: its stored input/output fields "
+                f"differ from that target's (outputs {e2ip_ase_target()['output']}); " + _NEEDS_TARGET + f". NequIP: {err}"
+            ) from err
+
+    @classmethod
+    def from_saved_model(cls, model_path: Union[str, Path], device: Union[str, torch.device] = "cpu", **kwargs):
+        """Load an eager model from a checkpoint (``.ckpt``) or a ``nequip-package build`` file (``.nequip.zip``).
+
+        Keyword arguments as NequIP's ``_from_saved_model`` (``chemical_species_to_atom_type_map``,
+        ``allow_tf32``, ``model_name``, ``compile_mode``, ``neighborlist_backend``, ...).
+        """
+        return cls._from_saved_model(model_path, device=device, **kwargs)
+
+    def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
+        """Copy the DESIGN §3 covariance keys from the model output into ``self.results``."""
+        missing = [k for k in E2IP_EXTRA_OUTPUTS if k not in out]
+        if missing:
+            raise KeyError(
+                f"the model output lacks {missing}: use an nequip_ext.EvidentialNequIPGNNModel model; for compiled "
+                "models, " + _NEEDS_TARGET
+            )
+        force_unit = self.energy_units_to_eV / self.length_units_to_A
+        for k in K.COVARIANCE_KEYS:
+            self.results[k] = force_unit**2 * out[k].detach().cpu().numpy().reshape(-1, 3, 3)
+        u = out[K.FORCES_UNCERTAINTY_KEY].detach().cpu().numpy().reshape(-1)
+        self.results[K.FORCES_UNCERTAINTY_KEY] = force_unit * u
