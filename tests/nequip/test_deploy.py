@@ -152,12 +152,16 @@ def test_package_carries_core(artefacts):
     assert not any(e.split(".")[0] in ("e2ip_plugins", "nequip_ext") for e in externs), externs
     code = f"""
 import sys, importlib.abc
+import torch
+import nequip  # noqa: F401  (NequIP imports every `nequip.extension` entry point, so the host core loads here)
+# from now on the host's e2ip_plugins is gone and cannot be imported again
+for name in [m for m in sys.modules if m.split('.')[0] == 'e2ip_plugins']:
+    del sys.modules[name]
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split('.')[0] == 'e2ip_plugins':
             raise ImportError('blocked ' + name)
 sys.meta_path.insert(0, Block())
-import torch
 from nequip.utils.global_state import set_global_state
 set_global_state()
 from nequip.model.saved_models.load_utils import load_saved_model
@@ -166,6 +170,8 @@ out = model(data)
 cov = out['{K.FORCES_COVARIANCE_KEY}']
 assert cov.shape == (data['pos'].shape[0], 3, 3) and bool(torch.isfinite(cov).all())
 assert not any(m.split('.')[0] == 'e2ip_plugins' for m in sys.modules), 'host e2ip_plugins was imported'
+heads = [type(m) for m in model.modules() if type(m).__name__ == 'EvidentialHead']
+assert heads and all(t.__module__.startswith('<torch_package_') for t in heads), [t.__module__ for t in heads]
 print('OK')
 """
     res = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
