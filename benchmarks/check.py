@@ -1,0 +1,82 @@
+"""Consistency checks of a ``results_<backbone>.json`` (used by the smoke tests; runnable by users).
+
+    python -m benchmarks.check bench_out/results_nequip.json
+
+- every method has every metric on every evaluation set, before and after recalibration;
+- the JSON's metrics equal a recomputation from the written prediction files
+  (``predictions/<method>_<set>.npz``): force MAE/RMSE from the reference and predicted forces, the
+  UQ metrics from the per-atom columns through ``e2ip_plugins.metrics.compute_metrics``;
+- cost entries exist for every method, with ratios 1 for the plain backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+METHODS = ("plain", "e2ip", "eip", "ensemble", "ensemble_iso")
+COST_METHODS = ("plain", "e2ip", "eip", "ensemble")
+ACCURACY = ("forces_mae", "forces_rmse")
+UQ = ("forces_nll", "forces_spearman", "forces_auroc", "forces_coverage_50", "forces_coverage_90",
+      "forces_miscal_area", "forces_ence", "forces_sharpness")
+COLUMNS = ("err_abs", "err_sq", "e", "u", "sigma", "nll", "pit")
+
+
+def check_results(path, rtol: float = 1e-9) -> Dict:
+    """Raise AssertionError on the first inconsistency; returns the loaded results."""
+    from e2ip_plugins.metrics import compute_metrics
+
+    path = Path(path)
+    r = json.loads(path.read_text())
+    sets: List[str] = r["data"]["eval_sets"]
+    for m in METHODS:
+        assert m in r["methods"], f"method {m} missing"
+        res = r["methods"][m]
+        keys = ACCURACY + (UQ if m != "plain" else ())
+        for s in sets:
+            entry = res["sets"][s]
+            for kind in ("raw", "recal"):
+                for k in keys:
+                    v = entry[kind].get(k)
+                    assert isinstance(v, float) and math.isfinite(v), f"{m}/{s}/{kind}/{k} = {v!r}"
+            npz = np.load(path.parent / entry["predictions"])
+            y, f = npz["ref_forces"], npz["pred_forces"]
+            assert y.shape == f.shape == (entry["n_atoms"], 3)
+            mae, rmse = float(np.mean(np.abs(y - f))), float(np.sqrt(np.mean((y - f) ** 2)))
+            assert math.isclose(mae, entry["raw"]["forces_mae"], rel_tol=rtol), (m, s, mae, entry["raw"]["forces_mae"])
+            assert math.isclose(rmse, entry["raw"]["forces_rmse"], rel_tol=rtol), (m, s, rmse)
+            if m == "plain":
+                continue
+            for kind in ("raw", "recal"):
+                cols = {c: npz[f"{kind}_{c}"] for c in COLUMNS}
+                again = compute_metrics(cols)
+                for k in UQ:
+                    assert math.isclose(again[k], entry[kind][k], rel_tol=rtol, abs_tol=1e-12), (m, s, kind, k)
+        if m != "plain":
+            assert res["recal_scale"] > 0
+            assert set(res["u_ratio_ood_id"]) == set(r["data"]["ood_sets"])
+    timing = r["cost"]["inference"]["timing"]
+    for label in ("small", "large"):
+        for m in COST_METHODS:
+            assert timing[label]["median_s"][m] > 0, (label, m)
+        assert timing[label]["ratio_to_plain"]["plain"] == 1.0
+    for m in COST_METHODS:
+        t = r["cost"]["training"][m]
+        assert t["epoch_s"] and t["epoch_s"] > 0 and t["peak_rss_mb"] > 0, (m, t)
+    assert r["cost"]["training"]["plain"]["epoch_s_ratio"] == 1.0
+    return r
+
+
+def main(argv=None) -> None:
+    for p in argv if argv is not None else sys.argv[1:]:
+        check_results(p)
+        print(f"{p}: ok")
+
+
+if __name__ == "__main__":
+    main()
