@@ -25,6 +25,7 @@ AOTInductor models must be compiled with ``--target e2ip_ase`` (NequIP's plain `
 covariance outputs); loading one compiled for another target raises a ``ValueError`` that says so.
 """
 
+import dataclasses
 from pathlib import Path
 from typing import Dict, Union
 
@@ -102,3 +103,31 @@ class E2IPNequIPCalculator(NequIPCalculator):
             self.results[k] = force_unit**2 * out[k].detach().cpu().numpy().reshape(-1, 3, 3)
         u = out[K.FORCES_UNCERTAINTY_KEY].detach().cpu().numpy().reshape(-1)
         self.results[K.FORCES_UNCERTAINTY_KEY] = force_unit * u
+        # raw evidence (eager models only: the e2ip_ase target returns the covariances, not the evidence)
+        raw = [k for k in list(K.E2IP_HEAD_FIELDS.values()) + list(K.EIP_HEAD_FIELDS.values()) if k in out]
+        self.e2ip_evidence = {k: out[k].detach().cpu() for k in raw + [AtomicDataDict.FORCE_KEY] if raw}
+
+    def predictive(self):
+        """Exact per-atom force predictive of the last calculation, in eV/Å (eager models only).
+
+        ``StudentTPredictive`` (e²IP head) or ``IndependentStudentTPredictive`` (eIP head), built by
+        ``e2ip_plugins`` from the model's raw evidence and forces (the same function the training metrics use).
+
+        Raises:
+            ValueError: no calculation yet, or a compiled model (its ``e2ip_ase`` outputs hold the
+                covariances but not the evidence; load the checkpoint or package with :meth:`from_saved_model`).
+        """
+        from .train import predictive as predictive_from_output
+
+        evidence = getattr(self, "e2ip_evidence", None)
+        if not evidence:
+            raise ValueError(
+                "no raw evidence from the last calculation: run a calculation first; compiled (e2ip_ase) models "
+                "return the covariances only, load a checkpoint or package with from_saved_model for the predictive"
+            )
+        q = next((float(m.q) for m in self.model.modules() if type(m).__name__ == "EIPHeadModule"), 0.5)
+        pred = predictive_from_output(evidence, q=q, dtype=torch.float64)
+        force_unit = self.energy_units_to_eV / self.length_units_to_A
+        if force_unit == 1.0:
+            return pred
+        return dataclasses.replace(pred.scaled(force_unit**2), mean=pred.mean * force_unit)

@@ -248,6 +248,29 @@ def test_covariance_spd_and_uncertainty(calcs, molecule, which):
 
 
 @pytest.mark.skipif(not SLOW, reason="needs a second AOTInductor compile (1-3 min on CPU); set E2IP_SLOW_TESTS=1")
+def test_exact_predictive(calcs, molecule):
+    """Eager calculators give the exact Student-t predictive, consistent with the covariance keys and with scipy;
+    compiled models (covariance outputs only) say how to get it."""
+    import torch
+    from scipy import stats
+
+    calc = calcs["checkpoint"]
+    res = _results(calc, molecule)
+    pred = calc.predictive()
+    np.testing.assert_allclose(pred.covariance.numpy(), res["forces_covariance"], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(pred.mean.numpy(), res["forces"], rtol=1e-12, atol=1e-14)
+    y = torch.as_tensor(molecule.arrays["REF_forces"], dtype=torch.float64)
+    nll = pred.nll(y).numpy()
+    i = 3
+    lam = (pred.scale_factor[i] * pred.sigma0[i]).numpy()
+    ref = -stats.multivariate_t(loc=pred.mean[i].numpy(), shape=lam, df=float(pred.df[i])).logpdf(y[i].numpy())
+    np.testing.assert_allclose(nll[i], ref, rtol=1e-8)
+    compiled = calcs["compiled"]
+    _results(compiled, molecule)
+    with pytest.raises(ValueError, match="from_saved_model"):
+        compiled.predictive()
+
+
 def test_plain_ase_target_gives_clear_error(artefacts):
     """A model compiled with NequIP's plain ``--target ase`` has no covariance outputs: the calculator says which
     target to use. (The molecular example frame makes NequIP's own export check fail on NaN stress, so it is
