@@ -20,10 +20,8 @@ Evaluation (:meth:`Backend.load`, :meth:`Backend.predict`):
 - MACE: ``mace.calculators.MACECalculator`` (plain), ``mace_ext.E2IPMACECalculator`` (heads; the exact
   predictive from ``calc.predictive()``), ``E2IPMACECalculator`` in committee mode for the ensemble
   (members' forces ``results["forces_comm"]`` → :func:`e2ip_plugins.ensemble_predictive`).
-- NequIP: ``nequip_ext.E2IPNequIPCalculator.from_saved_model`` (heads). It reports the covariances but
-  not the raw evidence (ν, κ, Σ₀ / eIP ν, α, β) the exact predictive needs, so the benchmark subclasses
-  it and keeps the evidence in NequIP's documented ``save_extra_outputs`` hook (see
-  :class:`_NequIPEvidenceCalculator`); if the calculator gains ``predictive()`` that is used instead.
+- NequIP: ``nequip_ext.E2IPNequIPCalculator.from_saved_model`` (heads; the exact predictive from
+  ``calc.predictive()``).
   Plain models and ensemble members: NequIP 0.19.1's ``NequIPCalculator`` has no public eager loader
   (only ``from_compiled_model``), so its ``_from_saved_model`` — the same loader
   ``E2IPNequIPCalculator.from_saved_model`` calls — is used; every method is therefore timed eager.
@@ -187,25 +185,6 @@ class MaceBackend(Backend):
 
 
 # ============================================================================================== NequIP
-def _nequip_evidence_calculator():
-    """``E2IPNequIPCalculator`` that also keeps the raw head evidence of the last calculation.
-
-    Uses NequIP's documented extension hook ``save_extra_outputs(out)`` ("subclasses can implement this
-    method to process extra outputs"); nothing private is touched."""
-    from nequip_ext import E2IPNequIPCalculator
-    from nequip_ext import _keys as K
-
-    fields = dict(K.E2IP_HEAD_FIELDS)
-    fields.update(K.EIP_HEAD_FIELDS)
-
-    class _NequIPEvidenceCalculator(E2IPNequIPCalculator):
-        def save_extra_outputs(self, out):
-            super().save_extra_outputs(out)
-            self.bench_evidence = {hk: out[f].detach().cpu() for hk, f in fields.items() if f in out}
-
-    return _NequIPEvidenceCalculator
-
-
 # the benchmark's NequIP configs use the chemical symbols as type names (identity map)
 _SPECIES = {"chemical_species_to_atom_type_map": True}
 
@@ -273,8 +252,7 @@ class NequipBackend(Backend):
         if method in ("e2ip", "eip"):
             from nequip_ext import E2IPNequIPCalculator
 
-            cls = E2IPNequIPCalculator if hasattr(E2IPNequIPCalculator, "predictive") else _nequip_evidence_calculator()
-            return Handle(method, [cls.from_saved_model(str(artifacts[0]), device=device, **_SPECIES)])
+            return Handle(method, [E2IPNequIPCalculator.from_saved_model(str(artifacts[0]), device=device, **_SPECIES)])
         from nequip.integrations.ase import NequIPCalculator
 
         # NequIP 0.19.1 has no public eager loader for plain models (see module docstring)
@@ -291,14 +269,7 @@ class NequipBackend(Backend):
         if handle.method == "ensemble":
             members = torch.stack(member_forces)
             return members.mean(0), e2ip_plugins.ensemble_predictive(members)
-        calc = handle.calcs[0]
-        forces = member_forces[0]
-        if hasattr(calc, "predictive"):
-            return forces, to_float64(calc.predictive())
-        ev = {k: v.to(torch.float64) for k, v in calc.bench_evidence.items()}
-        if handle.method == "e2ip":
-            return forces, e2ip_plugins.evidential_predictive(forces, ev)
-        return forces, e2ip_plugins.eip_predictive(forces, ev, q=float(self.s.get("eip_q", 0.5)))
+        return member_forces[0], to_float64(handle.calcs[0].predictive())
 
 
 BACKENDS = {"mace": MaceBackend, "nequip": NequipBackend}
