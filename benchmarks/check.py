@@ -72,6 +72,33 @@ def check_results(path, rtol: float = 1e-9) -> Dict:
     return r
 
 
+def run_smoke(backbone: str, out: Path) -> Path:
+    """Run one backbone's part with ``--profile smoke`` on the shipped data into ``out`` (the smoke tests)."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    data = repo / "e2ip_plugins" / "data"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--backbone", backbone, "--profile", "smoke", "--out", str(out),
+           "--id-file", str(data / "iso7_train.xyz"), "--ood-file", f"ood_mol={data / 'iso7_ood_mol.xyz'}",
+           "--ood-file", f"ood_hot={data / 'iso7_ood_hot.xyz'}"]
+    env = dict(os.environ, WANDB_MODE="disabled")
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return out
+
+
+def check_smoke_run(out: Path, backbone: str) -> Dict:
+    """:func:`check_results` of a smoke run, plus its evaluation sets, ensemble size, report and plot."""
+    r = check_results(out / f"results_{backbone}.json")
+    assert r["data"]["eval_sets"] == ["val", "test", "ood_mol", "ood_hot"]
+    assert r["cost"]["training"]["ensemble"]["members"] == 2
+    report = (out / "report.md").read_text()
+    assert "### Targets" in report and "| e²IP | ood_hot |" in report
+    assert (out / backbone / "plots" / "reliability_all_methods.png").is_file()
+    return r
+
+
 def main(argv=None) -> None:
     for p in argv if argv is not None else sys.argv[1:]:
         check_results(p)

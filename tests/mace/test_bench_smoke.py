@@ -3,39 +3,23 @@ ensemble of 2, no sweep): every metric for every method and set, and the numbers
 from the written predictions and a direct call of the calculator."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import ase.io
 import numpy as np
 import pytest
 
-from .helpers import DATA, REPO
-
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_mace")
-    cmd = [sys.executable, "-m", "benchmarks.run", "--backbone", "mace", "--profile", "smoke", "--out", str(out),
-           "--id-file", str(DATA / "iso7_train.xyz"), "--ood-file", f"ood_mol={DATA / 'iso7_ood_mol.xyz'}",
-           "--ood-file", f"ood_hot={DATA / 'iso7_ood_hot.xyz'}"]
-    env = dict(os.environ, WANDB_MODE="disabled")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    return out
+    from benchmarks.check import run_smoke
+
+    return run_smoke("mace", tmp_path_factory.mktemp("bench_mace"))
 
 
 def test_results_complete_and_consistent(bench):
-    from benchmarks.check import check_results
+    from benchmarks.check import check_smoke_run
 
-    r = check_results(bench / "results_mace.json")
-    assert r["data"]["eval_sets"] == ["val", "test", "ood_mol", "ood_hot"]
-    assert r["cost"]["training"]["ensemble"]["members"] == 2
-    report = (bench / "report.md").read_text()
-    assert "### Targets" in report and "| e²IP | ood_hot |" in report
-    assert (bench / "mace" / "plots" / "reliability_all_methods.png").is_file()
+    check_smoke_run(bench, "mace")
 
 
 def test_predictions_match_the_calculator(bench):
