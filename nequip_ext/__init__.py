@@ -55,6 +55,7 @@ _LAZY = {
     "UQMetrics": "nequip_ext.train",
     "UQScalarMetric": "nequip_ext.train",
     "UQPlotsCallback": "nequip_ext.callbacks",
+    "NoveltyFitCallback": "nequip_ext.novelty",
     "E2IPNequIPCalculator": "nequip_ext.calculator",
     "E2IP_ASE_TARGET": "nequip_ext.compile",
 }

@@ -18,6 +18,7 @@ E2IP_KAPPA_KEY: Final[str] = "e2ip_kappa"  # (N,)
 E2IP_SIGMA0_KEY: Final[str] = "e2ip_sigma0"  # (N, 3, 3)
 E2IP_SIGMA0_INV_KEY: Final[str] = "e2ip_sigma0_inv"  # (N, 3, 3)
 E2IP_SIGMA0_LOGDET_KEY: Final[str] = "e2ip_sigma0_logdet"  # (N,)
+E2IP_NOVELTY_KEY: Final[str] = "e2ip_novelty"  # (N,) s/s_ref of e2ip_plugins.novelty (0 if unfitted)
 
 # === raw evidence of the eIP (per-component) head ===
 EIP_NU_KEY: Final[str] = "eip_nu"  # (N, 3)
@@ -37,6 +38,7 @@ NODE_KEYS: Final[List[str]] = CARTESIAN_KEYS + [
     E2IP_NU_KEY,
     E2IP_KAPPA_KEY,
     E2IP_SIGMA0_LOGDET_KEY,
+    E2IP_NOVELTY_KEY,
     EIP_NU_KEY,
     EIP_ALPHA_KEY,
     EIP_BETA_KEY,

@@ -15,6 +15,7 @@ YAML::
         kind: e2ip            # or eip
         num_channels: 16
         force_rms: ${training_data_stats:forces_rms}   # σ_F of Σ₀ (e2ip only)
+        novelty: {enabled: true, power: 4.0, quantile: 0.9}   # e2ip only; fitted by nequip_ext.NoveltyFitCallback
 
 ``force_rms`` default: NequIP has no single "force scale" model argument, but its
 standard configs set ``per_type_energy_scales`` to the training force RMS
@@ -65,13 +66,16 @@ def _check_uq_config(num_layers: int, l_max: int, kind: str) -> None:
         )
 
 
-def attach_uq_head(model: ForceStressOutput, uq_head: Dict[str, Any], per_type_energy_scales=None) -> ForceStressOutput:
+def attach_uq_head(
+    model: ForceStressOutput, uq_head: Dict[str, Any], per_type_energy_scales=None, num_species: int = 1
+) -> ForceStressOutput:
     """Insert the head before the last convnet of a (raw, unwrapped) NequIP energy model; returns a new
     ``ForceStressOutput`` around the modified energy model (so its ``irreps_out`` include the head fields)."""
     cfg = dict(uq_head)
     kind = cfg.pop("kind", "e2ip")
     if kind == "e2ip" and cfg.get("force_rms", None) is None:
         cfg["force_rms"] = _default_force_rms(per_type_energy_scales)
+    cfg.setdefault("num_species", int(num_species))
     if not isinstance(model, ForceStressOutput) or not isinstance(model.func, SequentialGraphNetwork):
         raise TypeError(f"expected ForceStressOutput(SequentialGraphNetwork), got {type(model).__name__}")
     seq = model.func
@@ -91,7 +95,7 @@ def EvidentialNequIPGNNModel(uq_head: Optional[Dict[str, Any]] = None, **kwargs)
     Args:
         uq_head (dict): ``kind`` (``e2ip`` default, or ``eip``) plus head options:
             e2ip → :class:`e2ip_plugins.EvidentialHead` (``num_channels``, ``mlp_hidden``, ``force_rms``,
-            ``nu_offset``, damping caps); eip → :class:`e2ip_plugins.EIPHead` (``num_channels``,
+            ``nu_offset``, damping caps, ``novelty``); eip → :class:`e2ip_plugins.EIPHead` (``num_channels``,
             ``mlp_hidden``, ``eps``) and ``q``.
         **kwargs: every :func:`nequip.model.NequIPGNNModel` argument.
 
@@ -103,4 +107,4 @@ def EvidentialNequIPGNNModel(uq_head: Optional[Dict[str, Any]] = None, **kwargs)
     _check_uq_config(int(kwargs.get("num_layers", 4)), int(kwargs.get("l_max", 1)), uq_head.get("kind", "e2ip"))
     # nested inside our @model_builder, NequIPGNNModel returns the raw ForceStressOutput
     model = NequIPGNNModel(**kwargs)
-    return attach_uq_head(model, uq_head, kwargs.get("per_type_energy_scales", None))
+    return attach_uq_head(model, uq_head, kwargs.get("per_type_energy_scales", None), len(kwargs["type_names"]))

@@ -23,6 +23,7 @@ from nequip.nn import GraphModuleMixin
 
 from e2ip_plugins import EIPHead, EvidentialHead
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
+from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
 
 from . import _keys as K
 
@@ -48,16 +49,28 @@ def _write_covariances(
 class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
     """Equivariant NIW evidential head (DESIGN §2.1) as a NequIP graph module.
 
+    Novelty-aware evidence (:mod:`e2ip_plugins.novelty`, on by default): κ is multiplied by
+    min(1, s/s_ref)^(−p), s the per-species Mahalanobis distance of the invariants of the head's
+    input features to the training atoms; fitted by :class:`nequip_ext.NoveltyFitCallback`
+    (or ``python -m nequip_ext.fit_novelty``), written as ``e2ip_novelty`` = s/s_ref.
+
     Args:
         irreps_in: irreps dict of the preceding module (must hold ``field`` with l > 0)
         field: node feature field to read (default ``node_features``)
+        num_species: number of atom types (the model's ``type_names``)
+        novelty: ``{enabled: true, power: 4.0, quantile: 0.9, jitter: 1e-6}``
         **head_kwargs: forwarded to :class:`e2ip_plugins.EvidentialHead`
             (``force_rms``, ``num_channels``, ``mlp_hidden``, ``nu_offset``, ...)
     """
 
-    def __init__(self, irreps_in, field: str = AtomicDataDict.NODE_FEATURES_KEY, **head_kwargs):
+    novelty_enabled: bool
+
+    def __init__(self, irreps_in, field: str = AtomicDataDict.NODE_FEATURES_KEY, num_species: int = 1,
+                 novelty: Optional[dict] = None, **head_kwargs):
         super().__init__()
         self.field = field
+        nov = dict(novelty or {})
+        self.novelty_enabled = bool(nov.pop("enabled", True))
         self._init_irreps(
             irreps_in=irreps_in,
             required_irreps_in=[field],
@@ -68,15 +81,29 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
                 K.E2IP_SIGMA0_KEY: None,
                 K.E2IP_SIGMA0_INV_KEY: None,
                 K.E2IP_SIGMA0_LOGDET_KEY: None,
+                K.E2IP_NOVELTY_KEY: None,
             },
         )
         self.head = EvidentialHead(self.irreps_in[field], **head_kwargs)
+        self.invariants = InvariantFeatures([str(self.irreps_in[field])])
+        self.novelty = NoveltyEvidence(self.invariants.num_features, int(num_species), **nov)
+
+    def novelty_features(self, data: AtomicDataDict.Type):
+        """(invariant features (N, D), atom types (N,)) that the novelty score reads."""
+        return self.invariants(data[self.field]), data[AtomicDataDict.ATOM_TYPE_KEY]
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         out = self.head(data[self.field])
-        tot, epi, ale = niw_covariances(out["nu"], out["kappa"], out["sigma0"])
+        kappa = out["kappa"]
+        if self.novelty_enabled:
+            ratio, factor = self.novelty(self.invariants(data[self.field]), data[AtomicDataDict.ATOM_TYPE_KEY])
+            kappa = kappa * factor
+        else:
+            ratio = torch.zeros_like(kappa)
+        tot, epi, ale = niw_covariances(out["nu"], kappa, out["sigma0"])
         data[K.E2IP_NU_KEY] = out["nu"]
-        data[K.E2IP_KAPPA_KEY] = out["kappa"]
+        data[K.E2IP_KAPPA_KEY] = kappa
+        data[K.E2IP_NOVELTY_KEY] = ratio
         data[K.E2IP_SIGMA0_KEY] = out["sigma0"]
         data[K.E2IP_SIGMA0_INV_KEY] = out["sigma0_inv"]
         data[K.E2IP_SIGMA0_LOGDET_KEY] = out["sigma0_logdet"]
@@ -103,6 +130,8 @@ class EIPHeadModule(GraphModuleMixin, torch.nn.Module):
         field: str = AtomicDataDict.NODE_FEATURES_KEY,
         q: float = 0.5,
         force_rms: Optional[float] = None,  # accepted for a uniform `uq_head` interface; unused by eIP
+        num_species: int = 1,  # idem
+        novelty: Optional[dict] = None,  # idem: the novelty factor is an e²IP (κ) mechanism
         **head_kwargs,
     ):
         super().__init__()

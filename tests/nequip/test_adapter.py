@@ -81,9 +81,11 @@ def test_head_module_scriptable_and_names(kind):
     scripted = torch.jit.script(head)
     data = _batch()
     feats = torch.randn(data[AtomicDataDict.POSITIONS_KEY].shape[0], head.irreps_in[AtomicDataDict.NODE_FEATURES_KEY].dim)
-    ref = head({AtomicDataDict.NODE_FEATURES_KEY: feats})
-    got = scripted({AtomicDataDict.NODE_FEATURES_KEY: feats})
-    for k in K.COVARIANCE_KEYS + [K.FORCES_UNCERTAINTY_KEY]:
+    types = data[AtomicDataDict.ATOM_TYPE_KEY]
+    ref = head({AtomicDataDict.NODE_FEATURES_KEY: feats, AtomicDataDict.ATOM_TYPE_KEY: types})
+    got = scripted({AtomicDataDict.NODE_FEATURES_KEY: feats, AtomicDataDict.ATOM_TYPE_KEY: types})
+    keys = K.COVARIANCE_KEYS + [K.FORCES_UNCERTAINTY_KEY] + ([K.E2IP_NOVELTY_KEY] if kind == "e2ip" else [])
+    for k in keys:
         torch.testing.assert_close(ref[k], got[k])
 
 

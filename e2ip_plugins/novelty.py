@@ -1,0 +1,234 @@
+"""Novelty-aware evidence: U_epi rises on atoms far from the training features (issue 6).
+
+The head's own κ cannot learn novelty: for κ ≪ 1 the NIW predictive depends on Σ₀/κ only,
+so the NLL never separates U_epi from U_ale, and nothing in training lowers evidence where
+there is no training data. The evidence is therefore tied to a feature-space density:
+
+    h_i          invariant features of atom i (scalars and per-channel norms ‖x_c‖ of l > 0
+                 channels, of every layer the adapter passes in)
+    s_i          = ‖W_z (h_i − μ_z)‖²,  W_zᵀW_z = (C_z + δ·tr(C_z)/D·I)⁻¹    (squared Mahalanobis
+                 distance to the Gaussian of the training atoms of species z; δ = ``jitter``)
+    r_i          = s_i / s_ref,z        s_ref,z = q-quantile of s over the validation atoms of z
+    κ_i          = κ_head,i · min(1, r_i)^p    ⇒   U_epi,i = U_ale,i / κ_i grows as r_i^p
+                                                   (u_i as r_i^{p/2}) beyond the reference
+
+Atoms inside the bulk of the validation scores (r ≤ 1) keep the head's evidence; the
+p-th power makes the epistemic level of atoms beyond it rise steeply (defaults q = 0.9,
+p = 4, chosen in docs/novelty.md). μ_z, W_z are fitted in one pass over the training atoms
+(sums and outer products), s_ref,z in one pass over the validation atoms; everything is a
+buffer, so checkpoints, packaged / compiled models and MACE ``.model`` files carry it.
+Until fitted (s_ref = 0) the factor is 1. The factor applies in eval mode only, so
+training (the head's NLL) is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ._e3nn import o3
+
+
+class InvariantFeatures(torch.nn.Module):
+    """Rotation-invariant view of e3nn features: l = 0 channels as they are, ‖x_c‖ for l > 0.
+
+    ``irreps_list``: one irreps string per concatenated block (e.g. one per layer).
+    Output: (N, num_features).
+    """
+
+    def __init__(self, irreps_list: List[str]):
+        super().__init__()
+        blocks: List[Tuple[int, int, int]] = []  # (start, mul, dim)
+        off = 0
+        for irreps in irreps_list:
+            for mul, ir in o3.Irreps(irreps):
+                blocks.append((off, mul, ir.dim))
+                off += mul * ir.dim
+        self.blocks = blocks
+        self.dim_in = off
+        self.num_features = sum(mul for _, mul, _ in blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cols: List[torch.Tensor] = []
+        n = x.shape[0]
+        for start, mul, dim in self.blocks:
+            blk = x[:, start : start + mul * dim]
+            if dim == 1:
+                cols.append(blk)
+            else:
+                b = blk.reshape(n, mul, dim)
+                cols.append((b * b).sum(-1).sqrt())
+        return torch.cat(cols, dim=1)
+
+
+class NoveltyEvidence(torch.nn.Module):
+    """Per-species Gaussian novelty score and the evidence factor min(1, s/s_ref)^(−p) (module docstring).
+
+    Args:
+        num_features: D, length of the invariant feature vector
+        num_species: number of species indices (0 … S−1)
+        power: p (default 4)
+        quantile: q of the reference score on the validation split (default 0.9)
+        jitter: δ, relative ridge added to each species covariance (default 1e-6)
+    """
+
+    def __init__(self, num_features: int, num_species: int, power: float = 4.0, quantile: float = 0.9,
+                 jitter: float = 1e-6):
+        super().__init__()
+        if power < 0:
+            raise ValueError(f"novelty power must be >= 0, got {power}")
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"novelty quantile must be in (0, 1), got {quantile}")
+        self.num_features = int(num_features)
+        self.num_species = int(num_species)
+        self.power = float(power)
+        self.quantile = float(quantile)
+        self.jitter = float(jitter)
+        d, s = self.num_features, self.num_species
+        self.register_buffer("novelty_mean", torch.zeros(s, d))
+        self.register_buffer("novelty_whiten", torch.zeros(s, d, d))
+        self.register_buffer("novelty_ref", torch.zeros(s))
+
+    def score(self, feats: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """s_i (N,): squared Mahalanobis distance to the training Gaussian of the atom's species."""
+        out = feats.new_zeros(feats.shape[0])
+        mean = self.novelty_mean.to(feats.dtype)
+        whiten = self.novelty_whiten.to(feats.dtype)
+        for z in range(self.num_species):
+            w = (feats - mean[z]) @ whiten[z]
+            out = torch.where(species == z, (w * w).sum(-1), out)
+        return out
+
+    def ratio(self, feats: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """r_i = s_i / s_ref (N,); 0 where the species has no fitted reference."""
+        ref = self.novelty_ref.to(feats.dtype)[species]
+        fitted = ref > 0
+        return torch.where(fitted, self.score(feats, species) / torch.where(fitted, ref, torch.ones_like(ref)),
+                           torch.zeros_like(ref))
+
+    def forward(self, feats: torch.Tensor, species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(r (N,), evidence factor (N,)); in training mode (0, 1): the head trains unchanged."""
+        if self.training:
+            ones = feats.new_ones(feats.shape[0])
+            return ones * 0.0, ones
+        r = self.ratio(feats, species)
+        return r, r.clamp(min=1.0).pow(-self.power)
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool((self.novelty_ref > 0).any())
+
+
+class NoveltyFitter:
+    """One-pass fit of a :class:`NoveltyEvidence`: training moments, then validation reference.
+
+    Usage::
+
+        fit = NoveltyFitter(module)
+        for feats, species in train_batches: fit.add_train(feats, species)
+        fit.finish_moments()
+        for feats, species in val_batches: fit.add_val(feats, species)
+        fit.finish_reference()          # without val batches: the training scores are used
+
+    Moments are accumulated in float64 and summed over ranks when ``torch.distributed``
+    is initialised (``all_reduce``); the reference is the mean over ranks of each rank's
+    per-species quantile.
+    """
+
+    def __init__(self, module: NoveltyEvidence):
+        self.module = module
+        d, s = module.num_features, module.num_species
+        self.n = torch.zeros(s, dtype=torch.float64)
+        self.sx = torch.zeros(s, d, dtype=torch.float64)
+        self.sxx = torch.zeros(s, d, d, dtype=torch.float64)
+        self.val_scores: List[List[torch.Tensor]] = [[] for _ in range(s)]
+        self.train_feats: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def add_train(self, feats: torch.Tensor, species: torch.Tensor) -> None:
+        x = feats.detach().to("cpu", torch.float64)
+        sp = species.detach().to("cpu").long()
+        for z in range(self.module.num_species):
+            xz = x[sp == z]
+            if len(xz):
+                self.n[z] += len(xz)
+                self.sx[z] += xz.sum(0)
+                self.sxx[z] += xz.T @ xz
+        self.train_feats.append((x, sp))
+
+    @torch.no_grad()
+    def finish_moments(self) -> None:
+        _all_reduce_(self.n, self.sx, self.sxx)
+        m = self.module
+        eye = torch.eye(m.num_features, dtype=torch.float64)
+        mean = torch.zeros(m.num_species, m.num_features, dtype=torch.float64)
+        whiten = torch.zeros(m.num_species, m.num_features, m.num_features, dtype=torch.float64)
+        for z in range(m.num_species):
+            n = float(self.n[z])
+            if n < 2:
+                continue  # species absent from training: no novelty factor (left unfitted)
+            mu = self.sx[z] / n
+            cov = (self.sxx[z] - n * torch.outer(mu, mu)) / (n - 1)
+            cov = 0.5 * (cov + cov.T)
+            cov = cov + m.jitter * max(float(torch.trace(cov)) / m.num_features, 1e-12) * eye
+            prec = torch.linalg.inv(cov)
+            whiten[z] = torch.linalg.cholesky(0.5 * (prec + prec.T))  # prec = W Wᵀ, s = ‖(h−μ)W‖²
+            mean[z] = mu
+        m.novelty_mean.copy_(mean.to(m.novelty_mean))
+        m.novelty_whiten.copy_(whiten.to(m.novelty_whiten))
+        m.novelty_ref.zero_()
+
+    @torch.no_grad()
+    def add_val(self, feats: torch.Tensor, species: torch.Tensor) -> None:
+        x = feats.detach().to("cpu", torch.float64)
+        sp = species.detach().to("cpu").long()
+        s = _score64(self.module, x, sp)
+        for z in range(self.module.num_species):
+            if (sp == z).any():
+                self.val_scores[z].append(s[sp == z])
+
+    @torch.no_grad()
+    def finish_reference(self) -> None:
+        if not any(self.val_scores[z] for z in range(self.module.num_species)):
+            for x, sp in self.train_feats:  # no validation data: reference from the training atoms
+                self.add_val(x, sp)
+        m = self.module
+        ref = torch.zeros(m.num_species, dtype=torch.float64)
+        has = torch.zeros(m.num_species, dtype=torch.float64)
+        for z in range(m.num_species):
+            if self.val_scores[z] and float(self.n[z]) >= 2:
+                ref[z] = torch.quantile(torch.cat(self.val_scores[z]), m.quantile)
+                has[z] = 1.0
+        _all_reduce_(ref, has)
+        ref = torch.where(has > 0, ref / has.clamp(min=1.0), torch.zeros_like(ref))
+        m.novelty_ref.copy_(ref.clamp(min=0.0).to(m.novelty_ref))
+        self.train_feats = []
+
+
+def _score64(module: NoveltyEvidence, x: torch.Tensor, sp: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], dtype=torch.float64)
+    for z in range(module.num_species):
+        w = (x - module.novelty_mean[z].double()) @ module.novelty_whiten[z].double()
+        out = torch.where(sp == z, (w * w).sum(-1), out)
+    return out
+
+
+def _all_reduce_(*tensors: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def fit_novelty(module: NoveltyEvidence, train_batches, val_batches: Optional[list] = None) -> NoveltyEvidence:
+    """Fit ``module`` from iterables of (features, species): training moments, then the reference."""
+    fit = NoveltyFitter(module)
+    for feats, species in train_batches:
+        fit.add_train(feats, species)
+    fit.finish_moments()
+    for feats, species in val_batches or []:
+        fit.add_val(feats, species)
+    fit.finish_reference()
+    return module

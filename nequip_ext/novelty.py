@@ -1,0 +1,162 @@
+"""Fitting the novelty-aware evidence of NequIP e²IP models (:mod:`e2ip_plugins.novelty`).
+
+- :class:`NoveltyFitCallback` (in the shipped configs): at the start of every validation
+  epoch, while NequIP's EMA weights are swapped in (the weights that are validated,
+  checkpointed and tested), one no-grad pass over the training data (up to the head: the
+  layers after it are skipped) fits the per-species moments, and one over the validation
+  data the reference quantile. Lightning's ``ModelCheckpoint`` saves at the end of
+  validation, so every checkpoint (``best.ckpt`` used by the test run, ``last.ckpt`` for
+  resuming) carries buffers fitted on its own weights.
+- ``python -m nequip_ext.fit_novelty --ckpt best.ckpt --train train.xyz --val val.xyz``:
+  the same fit for an existing checkpoint, written to ``--out`` (default: in place).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Iterable, List, Optional
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from e2ip_plugins.novelty import NoveltyFitter
+
+from .model import HEAD_MODULE_NAME
+
+
+def novelty_head(model: torch.nn.Module):
+    """The model's e²IP head module with novelty enabled (None if there is none)."""
+    from .nn import E2IPHeadModule
+
+    for mod in model.modules():
+        if isinstance(mod, E2IPHeadModule) and mod.novelty_enabled:
+            return mod
+    return None
+
+
+def _layers_before_head(model: torch.nn.Module) -> List[torch.nn.Module]:
+    from nequip.nn import SequentialGraphNetwork
+
+    for mod in model.modules():
+        if isinstance(mod, SequentialGraphNetwork) and HEAD_MODULE_NAME in mod._modules:
+            names = list(mod._modules)
+            return [mod._modules[n] for n in names[: names.index(HEAD_MODULE_NAME)]]
+    raise ValueError("no SequentialGraphNetwork with a uq_head found in the model")
+
+
+@torch.no_grad()
+def head_features(model: torch.nn.Module, batches: Iterable[dict], device=None):
+    """Yield (invariant features, atom types) of each batch, running the layers before the head only."""
+    head = novelty_head(model)
+    layers = _layers_before_head(model)
+    ref = next(model.parameters())
+    device = device or ref.device
+    fields = getattr(model, "model_input_fields", None)
+    for batch in batches:
+        data = {k: v.to(device) for k, v in batch.items() if fields is None or k in fields}
+        data = {k: (v.to(ref.dtype) if torch.is_floating_point(v) else v) for k, v in data.items()}
+        for layer in layers:
+            data = layer(data)
+        yield head.novelty_features(data)
+
+
+def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None) -> bool:
+    """Fit the novelty buffers of ``model`` in place; False if it has no novelty-enabled head."""
+    head = novelty_head(model)
+    if head is None:
+        return False
+    was_training = model.training
+    model.eval()
+    fit = NoveltyFitter(head.novelty)
+    for feats, species in head_features(model, train_batches):
+        fit.add_train(feats, species)
+    fit.finish_moments()
+    for feats, species in head_features(model, val_batches or []):
+        fit.add_val(feats, species)
+    fit.finish_reference()
+    model.train(was_training)
+    return True
+
+
+class NoveltyFitCallback(Callback):
+    """Lightning callback: refit the novelty buffers at the start of validation epochs (module docstring).
+
+    Args:
+        every_n_epochs: refit at every n-th validation and at the last epoch (the buffers of
+            skipped epochs stay from the last fit)
+    """
+
+    def __init__(self, every_n_epochs: int = 1):
+        super().__init__()
+        self.every_n_epochs = int(every_n_epochs)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if trainer.current_epoch % self.every_n_epochs != 0 and trainer.current_epoch + 1 < (trainer.max_epochs or 0):
+            return
+        dm = trainer.datamodule
+        for model in pl_module.model.values():
+            val = dm.val_dataloader()
+            val = val if isinstance(val, (list, tuple)) else [val]
+            fit_model_novelty(model, dm.train_dataloader(), [b for loader in val[:1] for b in loader])
+
+
+# ------------------------------------------------------------------ command for existing checkpoints
+def _xyz_batches(path: str, model, r_max: float, type_names: List[str], batch_size: int = 16):
+    import ase.io
+    from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase
+    from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
+
+    mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=type_names)
+    frames = ase.io.read(path, ":")
+    for i in range(0, len(frames), batch_size):
+        graphs = [compute_neighborlist_(mapper(from_ase(a)), r_max=r_max) for a in frames[i : i + batch_size]]
+        yield AtomicDataDict.batched_from_list(graphs)
+
+
+def fit_checkpoint(ckpt: str, train: str, val: Optional[str], out: Optional[str] = None) -> dict:
+    """Fit the novelty buffers of a NequIP checkpoint on extxyz files and write them into ``out``."""
+    from nequip.model.saved_models.load_utils import load_saved_model
+    from nequip.utils.global_state import set_global_state
+
+    set_global_state(allow_tf32=False)
+    model = load_saved_model(ckpt).eval()
+    from nequip.nn.graph_model import R_MAX_KEY, TYPE_NAMES_KEY
+
+    r_max = float(model.metadata[R_MAX_KEY])
+    type_names = str(model.metadata[TYPE_NAMES_KEY]).split(" ")
+    if not fit_model_novelty(
+        model, _xyz_batches(train, model, r_max, type_names), _xyz_batches(val, model, r_max, type_names) if val else None
+    ):
+        raise ValueError(f"{ckpt}: the model has no e2ip head with novelty enabled (uq_head.novelty.enabled)")
+    head = novelty_head(model)
+    buffers = {n: b for n, b in head.novelty.named_buffers()}
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    sd = state["state_dict"]
+    written = 0
+    for key in list(sd):
+        for name, value in buffers.items():
+            if key.endswith(f"{HEAD_MODULE_NAME}.novelty.{name}"):
+                sd[key] = value.detach().to(sd[key].dtype).clone()
+                written += 1
+    if written == 0:
+        raise KeyError(f"{ckpt}: no '{HEAD_MODULE_NAME}.novelty.*' buffers in the checkpoint state dict")
+    torch.save(state, out or ckpt)
+    return {"ref": head.novelty.novelty_ref.tolist(), "written": written, "type_names": type_names}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description="Fit the e2ip novelty-aware evidence of a NequIP checkpoint.")
+    ap.add_argument("--ckpt", required=True, help="NequIP checkpoint (.ckpt) of an e2ip model")
+    ap.add_argument("--train", required=True, help="extxyz file of the training structures")
+    ap.add_argument("--val", default=None, help="extxyz file of the validation structures (reference quantile)")
+    ap.add_argument("--out", default=None, help="output checkpoint (default: overwrite --ckpt)")
+    args = ap.parse_args(argv)
+    res = fit_checkpoint(args.ckpt, args.train, args.val, args.out)
+    print(f"novelty fitted for types {res['type_names']}: s_ref = {[round(v, 3) for v in res['ref']]}; "
+          f"wrote {res['written']} buffers to {args.out or args.ckpt}")
+
+
+if __name__ == "__main__":
+    main()
