@@ -79,11 +79,12 @@ import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imp
 from e2ip_plugins._e3nn import o3
 
 from . import hooks
-from .model import HEAD_TYPES, E2IPConfigError, attach_e2ip_head
+from .model import HEAD_TYPES, E2IPConfigError, attach_e2ip_head, fit_novelty
 
 DEFAULTS = dict(
     e2ip_head="e2ip", e2ip_weight=1.0, e2ip_reg=0.1, e2ip_detach_mean=False, e2ip_residual_metric="euclidean",
     e2ip_channels=16, e2ip_mlp=32, e2ip_quantile=0.5, e2ip_force_rms=None,
+    e2ip_novelty=True, e2ip_novelty_power=4.0, e2ip_novelty_quantile=0.9,
 )
 
 UQ_LOG_KEYS = (
@@ -156,6 +157,14 @@ def add_e2ip_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="quantile q of the eip head")
     group.add_argument("--e2ip_force_rms", type=float, default=DEFAULTS["e2ip_force_rms"],
                        help="force scale sigma_F in eV/A (default: RMS of the training forces)")
+    group.add_argument("--e2ip_novelty", type=_str2bool, nargs="?", const=True, default=DEFAULTS["e2ip_novelty"],
+                       help="novelty-aware evidence (e2ip head): kappa <- kappa * min(1, s/s_ref)^-p, s the per-element "
+                            "Mahalanobis distance of the node-feature invariants to the training atoms; fitted on "
+                            "the train/valid sets when the final checkpoints are loaded, before the .model files are saved")
+    group.add_argument("--e2ip_novelty_power", type=float, default=DEFAULTS["e2ip_novelty_power"],
+                       help="p of the novelty factor (U_epi grows as (s/s_ref)^p beyond the reference)")
+    group.add_argument("--e2ip_novelty_quantile", type=float, default=DEFAULTS["e2ip_novelty_quantile"],
+                       help="s_ref = this quantile of s over the validation atoms of each element")
     return parser
 
 
@@ -256,6 +265,8 @@ class E2IPRun:
         self.losses: List = []
         self.sigma_f: Optional[float] = None
         self.model = None
+        self.train_loader = None
+        self.valid_loaders = None  # set when MACE's training loop starts: fit_novelty runs after it
         self.rank = 0
         self.final_tables = 0
         self.started = time.time()
@@ -301,11 +312,35 @@ class E2IPRun:
             model = attach_e2ip_head(
                 model, head=a.e2ip_head, force_rms=self.sigma_f, num_channels=a.e2ip_channels,
                 mlp_hidden=a.e2ip_mlp, quantile=a.e2ip_quantile,
+                novelty={"enabled": a.e2ip_novelty, "power": a.e2ip_novelty_power,
+                         "quantile": a.e2ip_novelty_quantile},
             )
             self.model = model
+            self.train_loader = train_loader
             return model, output_args
 
         return configure_model
+
+    def wrap_train(self, original):
+        def train(*args, **kwargs):
+            self.valid_loaders = kwargs.get("valid_loaders")
+            return original(*args, **kwargs)
+
+        return train
+
+    def wrap_checkpoint_handler(self, original):
+        run = self
+
+        class CheckpointHandler(original):  # pylint: disable=too-few-public-methods
+            """MACE's handler; after training, loading the final checkpoint also fits the novelty buffers."""
+
+            def load_latest(self, state, *args, **kwargs):
+                epoch = super().load_latest(state, *args, **kwargs)
+                if epoch is not None and run.valid_loaders is not None and run.train_loader is not None:
+                    fit_novelty(state.model, run.train_loader, list(run.valid_loaders.values()))
+                return epoch
+
+        return CheckpointHandler
 
     def wrap_get_params_options(self, original):
         def get_params_options(args, model, *rest, **kwargs):
@@ -486,6 +521,8 @@ class E2IPRun:
             ("mace.cli.run_train", "create_error_table", self.wrap_create_error_table),
             ("mace.cli.run_train", "init_distributed", self.wrap_init_distributed),
             ("mace.cli.run_train", "DDP", self.wrap_ddp),
+            ("mace.tools", "train", self.wrap_train),
+            ("mace.tools", "CheckpointHandler", self.wrap_checkpoint_handler),
         ]
         with contextlib.ExitStack() as stack:
             for module, attr, make in wrappers:

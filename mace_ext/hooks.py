@@ -57,6 +57,9 @@ HOOKS: Tuple[Hook, ...] = (
          "MACE writes <name>_compiled.model with jit.compile (e3nn.util.jit) and swallows errors; "
          "mace_run_train_e2ip checks the file afterwards and reports why it is missing"),
     # --- distributed training on CPU (mace_ext.cli) ---
+    Hook("mace.tools", "train", "wrap", "captures the validation loaders (novelty reference quantile)"),
+    Hook("mace.tools", "CheckpointHandler", "wrap",
+         "loading the final checkpoints after training also fits the novelty buffers, before the .model files are saved"),
     Hook("mace.cli.run_train", "init_distributed", "wrap",
          "--distributed --device cpu: opens a gloo process group (MACE opens one only for cuda/xpu)"),
     Hook("mace.cli.run_train", "DDP", "wrap",

@@ -19,7 +19,15 @@ key                               shape      meaning
 ``e2ip_sigma0``/``_inv``          (N,3,3)    Σ₀ and Σ₀⁻¹ (head ``e2ip``)
 ``e2ip_sigma0_logdet``            (N,)       log|Σ₀| (head ``e2ip``)
 ``eip_nu/alpha/beta``             (N,3)      per-component evidence (head ``eip``)
+``e2ip_novelty``                  (N,)       s/s_ref of the novelty score (head ``e2ip``; 0 if unfitted)
 ================================  =========  ==========================================
+
+Novelty-aware evidence (:mod:`e2ip_plugins.novelty`, head ``e2ip``, on by default): the
+head's κ is multiplied by min(1, s/s_ref)^(−p), s the per-species Mahalanobis distance of the
+invariants of *every* product block's output (MACE's ``node_feats``) to the training atoms.
+``mace_run_train_e2ip`` fits it when it loads the final stage-one / stage-two checkpoints,
+before MACE saves the ``.model`` files (:func:`fit_novelty`); ``mace_fit_novelty_e2ip`` refits
+an existing model.
 
 MACE's ``forces`` stay the mean γ. The model pickles like any MACE model
 (``torch.save``/``torch.load`` of a ``.model`` file; loading needs ``mace_ext``
@@ -43,6 +51,7 @@ from e2ip_plugins import (
 )
 from e2ip_plugins._e3nn import o3
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
+from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence, NoveltyFitter
 from mace.modules.models import MACE, ScaleShiftMACE
 
 HEAD_TYPES = ("e2ip", "eip")
@@ -186,8 +195,14 @@ class E2IPMixin:
         assert node_feats is not None
         head_out = self.e2ip_head(node_feats[:, self.e2ip_feat_start : self.e2ip_feat_stop])
         if self.e2ip_head_type == "e2ip":
+            kappa = head_out["kappa"]
+            if self.e2ip_novelty_enabled:
+                ratio, factor = self.e2ip_novelty(self.e2ip_invariants(node_feats), torch.argmax(data["node_attrs"], dim=-1))
+                kappa = kappa * factor
+                out["e2ip_novelty"] = ratio
+            head_out["kappa"] = kappa
             out["e2ip_nu"] = head_out["nu"]
-            out["e2ip_kappa"] = head_out["kappa"]
+            out["e2ip_kappa"] = kappa
             out["e2ip_sigma0"] = head_out["sigma0"]
             out["e2ip_sigma0_inv"] = head_out["sigma0_inv"]
             out["e2ip_sigma0_logdet"] = head_out["sigma0_logdet"]
@@ -208,6 +223,7 @@ class E2IPMixin:
     def e2ip_config(self) -> Dict[str, Any]:
         return {
             "head": self.e2ip_head_type,
+            "novelty": bool(self.e2ip_novelty_enabled),
             "quantile": self.e2ip_quantile,
             "feature_block": int(self.e2ip_feature_block),
             "irreps": self.e2ip_irreps,
@@ -253,12 +269,14 @@ def attach_e2ip_head(
     num_channels: int = 16,
     mlp_hidden: int = 32,
     quantile: float = 0.5,
+    novelty: Optional[Dict[str, Any]] = None,
     **head_kwargs: Any,
 ) -> torch.nn.Module:
     """Attach an ``e2ip`` (EvidentialHead) or ``eip`` (EIPHead) head to a MACE model, in place.
 
     ``force_rms`` is σ_F (eV/Å), the force scale of Σ₀ (ignored by ``eip``). The head
-    is created in the default dtype and moved to the model's device/dtype. Returns the
+    is created in the default dtype and moved to the model's device/dtype. ``novelty``:
+    ``{enabled: True, power: 4.0, quantile: 0.9, jitter: 1e-6}`` (e2ip head only). Returns the
     same object, now an :class:`E2IPMACE` or :class:`E2IPScaleShiftMACE`.
     """
     if head not in HEAD_TYPES:
@@ -282,9 +300,14 @@ def attach_e2ip_head(
             module = EIPHead(irreps, num_channels=num_channels, mlp_hidden=mlp_hidden, **head_kwargs)
     except ValueError as exc:
         raise E2IPConfigError(str(exc)) from exc
+    nov = dict(novelty or {})
+    novelty_enabled = bool(nov.pop("enabled", True)) and head == "e2ip"
+    invariants = InvariantFeatures([str(p.linear.irreps_out) for p in model.products])
+    novelty_module = NoveltyEvidence(invariants.num_features, int(model.atomic_numbers.numel()), **nov)
     try:
         ref = next(model.parameters())
         module = module.to(device=ref.device, dtype=ref.dtype)
+        novelty_module = novelty_module.to(device=ref.device, dtype=ref.dtype)
     except StopIteration:  # pragma: no cover
         pass
     model.__class__ = _SUBCLASS[base]
@@ -296,6 +319,9 @@ def attach_e2ip_head(
     model.e2ip_feat_start = int(start)
     model.e2ip_feat_stop = int(stop)
     model.e2ip_force_rms = float(force_rms)
+    model.e2ip_invariants = invariants
+    model.e2ip_novelty = novelty_module
+    model.e2ip_novelty_enabled = novelty_enabled
     logging.info(
         f"e2ip: attached '{head}' head reading product block {idx} ({irreps}), sigma_F = {force_rms:.4g} eV/A, "
         f"{sum(p.numel() for p in module.parameters())} head parameters"
@@ -303,8 +329,42 @@ def attach_e2ip_head(
     return model
 
 
+@torch.no_grad()
+def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device=None) -> bool:
+    """Fit the novelty buffers of an E2IP model in place: one pass over ``train_loader`` (moments),
+    one over the validation loaders (reference quantile). Runs on every rank under DDP (the
+    moments are summed over ranks). Returns False if the model has no novelty-enabled head."""
+    if not isinstance(model, E2IPMixin) or not model.e2ip_novelty_enabled:
+        return False
+    ref = next(model.parameters())
+    device = device or ref.device
+    was_training = model.training
+    model.eval()
+    fitter = NoveltyFitter(model.e2ip_novelty)
+
+    def features(loader):
+        for batch in loader:
+            data = batch.to(device).to_dict()
+            out = model._e2ip_backbone_forward(data, False, False, False, False, False, False, False, False, False)
+            yield model.e2ip_invariants(out["node_feats"]), torch.argmax(data["node_attrs"], dim=-1)
+
+    for feats, species in features(train_loader):
+        fitter.add_train(feats, species)
+    fitter.finish_moments()
+    for loader in list(valid_loaders or []):
+        for feats, species in features(loader):
+            fitter.add_val(feats, species)
+    fitter.finish_reference()
+    model.train(was_training)
+    logging.info(
+        "e2ip: novelty fitted on %d training atoms; reference s_ref per element = %s",
+        int(fitter.n.sum()), [round(float(v), 3) for v in model.e2ip_novelty.novelty_ref],
+    )
+    return True
+
+
 __all__ = [
     "ATOM_LEVEL_KEYS", "COVARIANCE_KEYS", "E2IPConfigError", "E2IPMACE", "E2IPScaleShiftMACE", "EVIDENCE_KEYS",
-    "attach_e2ip_head", "head_feature_slice", "head_out_from_output", "output_head_type", "predictive_from_output",
+    "attach_e2ip_head", "fit_novelty", "head_feature_slice", "head_out_from_output", "output_head_type", "predictive_from_output",
 ]
 _ = e2ip_plugins  # core import first (allow-lists e3nn's constants before mace imports e3nn)
