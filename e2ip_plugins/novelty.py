@@ -6,8 +6,9 @@ there is no training data. The evidence is therefore tied to a feature-space den
 
     h_i          invariant features of atom i (scalars and per-channel norms ‖x_c‖ of l > 0
                  channels, of every layer the adapter passes in)
-    s_i          = ‖W_z (h_i − μ_z)‖²,  W_zᵀW_z = (C_z + δ·tr(C_z)/D·I)⁻¹    (squared Mahalanobis
-                 distance to the Gaussian of the training atoms of species z; δ = ``jitter``)
+    s_i          = ‖W_z (h_i − μ_z)‖²,  W_zᵀW_z = (C_z + δ_z·tr(C_z)/D·I)⁻¹  (squared Mahalanobis
+                 distance to the Gaussian of the n_z training atoms of species z;
+                 δ_z = max(``jitter``, (D/n_z)⁴): a ridge that matters only for few atoms per feature)
     r_i          = s_i / s_ref,z        s_ref,z = q-quantile of s over the validation atoms of z
     κ_i          = κ_head,i · min(1, r_i)^p    ⇒   U_epi,i = U_ale,i / κ_i grows as r_i^p
                                                    (u_i as r_i^{p/2}) beyond the reference
@@ -17,8 +18,9 @@ p-th power makes the epistemic level of atoms beyond it rise steeply (defaults q
 p = 4, chosen in docs/novelty.md). μ_z, W_z are fitted in one pass over the training atoms
 (sums and outer products), s_ref,z in one pass over the validation atoms; everything is a
 buffer, so checkpoints, packaged / compiled models and MACE ``.model`` files carry it.
-Until fitted (s_ref = 0) the factor is 1. The factor applies in eval mode only, so
-training (the head's NLL) is unchanged.
+Until fitted (s_ref = 0) the factor is 1. The factor applies at evaluation only (the
+adapters pass ``training``: NequIP's module mode, MACE's ``training`` argument), so training
+(the head's NLL) is unchanged.
 """
 
 from __future__ import annotations
@@ -107,9 +109,9 @@ class NoveltyEvidence(torch.nn.Module):
         return torch.where(fitted, self.score(feats, species) / torch.where(fitted, ref, torch.ones_like(ref)),
                            torch.zeros_like(ref))
 
-    def forward(self, feats: torch.Tensor, species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(r (N,), evidence factor (N,)); in training mode (0, 1): the head trains unchanged."""
-        if self.training:
+    def forward(self, feats: torch.Tensor, species: torch.Tensor, training: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(r (N,), evidence factor (N,)); with ``training`` (0, 1): the head trains unchanged."""
+        if training:
             ones = feats.new_ones(feats.shape[0])
             return ones * 0.0, ones
         r = self.ratio(feats, species)
@@ -171,7 +173,8 @@ class NoveltyFitter:
             mu = self.sx[z] / n
             cov = (self.sxx[z] - n * torch.outer(mu, mu)) / (n - 1)
             cov = 0.5 * (cov + cov.T)
-            cov = cov + m.jitter * max(float(torch.trace(cov)) / m.num_features, 1e-12) * eye
+            delta = max(m.jitter, (m.num_features / n) ** 4)  # few atoms per feature: shrink (n = D → δ = 1)
+            cov = cov + delta * max(float(torch.trace(cov)) / m.num_features, 1e-12) * eye
             prec = torch.linalg.inv(cov)
             whiten[z] = torch.linalg.cholesky(0.5 * (prec + prec.T))  # prec = W Wᵀ, s = ‖(h−μ)W‖²
             mean[z] = mu

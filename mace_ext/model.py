@@ -197,7 +197,9 @@ class E2IPMixin:
         if self.e2ip_head_type == "e2ip":
             kappa = head_out["kappa"]
             if self.e2ip_novelty_enabled:
-                ratio, factor = self.e2ip_novelty(self.e2ip_invariants(node_feats), torch.argmax(data["node_attrs"], dim=-1))
+                ratio, factor = self.e2ip_novelty(
+                    self.e2ip_invariants(node_feats), torch.argmax(data["node_attrs"], dim=-1), training
+                )
                 kappa = kappa * factor
                 out["e2ip_novelty"] = ratio
             head_out["kappa"] = kappa

@@ -96,7 +96,9 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
         out = self.head(data[self.field])
         kappa = out["kappa"]
         if self.novelty_enabled:
-            ratio, factor = self.novelty(self.invariants(data[self.field]), data[AtomicDataDict.ATOM_TYPE_KEY])
+            ratio, factor = self.novelty(
+                self.invariants(data[self.field]), data[AtomicDataDict.ATOM_TYPE_KEY], self.training
+            )
             kappa = kappa * factor
         else:
             ratio = torch.zeros_like(kappa)

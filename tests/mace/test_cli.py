@@ -161,6 +161,43 @@ def test_compiled_model_matches_eager(trained, f64):
     assert res.returncode == 0 and "E2IPScaleShiftMACE" in res.stdout, res.stderr[-2000:]
 
 
+def test_novelty_fitted_and_raises_u_on_stretched_bond(trained, f64):
+    """The run fitted the novelty buffers before saving: the .model and the TorchScript _compiled.model carry
+    them (identical outputs), and an H pulled to 2.2 Å from its carbon gets s/s_ref > 1 and a larger U_epi
+    than every atom of the unstretched molecule."""
+    from mace import data
+    from mace.tools import torch_geometric, utils
+
+    from e2ip_plugins.demo_data import stretched_bond
+
+    from .helpers import first_molecule
+
+    proc, work, head = trained
+    name = "iso7_e2ip" if head == "e2ip" else "iso7_eip"
+    eager = torch.load(str(work / f"{name}.model"), weights_only=False)
+    if head == "eip":
+        assert not eager.e2ip_novelty_enabled and not eager.e2ip_novelty.is_fitted
+        return
+    assert "e2ip: novelty fitted on" in proc.stdout + proc.stderr
+    assert torch.all(eager.e2ip_novelty.novelty_ref > 0), eager.e2ip_novelty.novelty_ref
+    compiled = torch.jit.load(str(work / f"{name}_compiled.model"))
+    z_table = utils.AtomicNumberTable([int(z) for z in eager.atomic_numbers])
+
+    def run(model, atoms):
+        ad = data.AtomicData.from_config(data.config_from_atoms(atoms), z_table=z_table, cutoff=float(eager.r_max))
+        return model(torch_geometric.Batch.from_data_list([ad]).to_dict(), training=False)
+
+    mol = first_molecule()
+    far = stretched_bond(mol, 2.2)
+    h = far.info["stretched_atom"]
+    ref, out = run(eager, far), run(compiled, far)
+    for key in ("e2ip_novelty", "e2ip_kappa", "forces_covariance_epistemic", "forces_uncertainty"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-12, msg=key)
+    u0 = run(eager, mol)["forces_uncertainty"]
+    assert float(ref["e2ip_novelty"][h]) > 1.0
+    assert float(ref["forces_uncertainty"][h]) > 2.0 * float(u0.max())
+
+
 def test_cli_rejects_one_interaction(tmp_path):
     cmd = [str(SCRIPT), "--config", "configs/mace/e2ip.yaml", "--num_interactions", "1", "--work_dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)

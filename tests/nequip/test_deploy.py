@@ -25,6 +25,7 @@ import time
 import zipfile
 
 import numpy as np
+import torch
 import pytest
 
 pytest.importorskip("nequip")
@@ -115,6 +116,14 @@ def molecule():
     return atoms
 
 
+@pytest.fixture(scope="module")
+def stretched(molecule):
+    """The test molecule with one C–H bond stretched to 2.2 Å: an atom far from the training features."""
+    from e2ip_plugins.demo_data import stretched_bond
+
+    return stretched_bond(molecule, 2.2)
+
+
 def _results(calc, atoms):
     a = atoms.copy()
     a.calc = calc
@@ -194,22 +203,56 @@ def test_implemented_properties(calcs, molecule):
             assert np.isfinite(res[k]).all(), (name, k)
 
 
-def test_package_matches_checkpoint(calcs, molecule):
-    """(c) the packaged model runs the same code on the same weights: identical results."""
-    a, b = _results(calcs["checkpoint"], molecule), _results(calcs["package"], molecule)
+@pytest.mark.parametrize("geometry", ["molecule", "stretched"])
+def test_package_matches_checkpoint(calcs, geometry, request):
+    """(c) the packaged model runs the same code on the same weights and novelty buffers: identical results."""
+    atoms = request.getfixturevalue(geometry)
+    a, b = _results(calcs["checkpoint"], atoms), _results(calcs["package"], atoms)
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_compiled_matches_eager(calcs, molecule):
-    """(b) AOTInductor (``--target e2ip_ase``) vs eager checkpoint model, float64: NequIP's float64 tolerance."""
-    eager, comp = _results(calcs["checkpoint"], molecule), _results(calcs["compiled"], molecule)
+@pytest.mark.parametrize("geometry", ["molecule", "stretched"])
+def test_compiled_matches_eager(calcs, geometry, request):
+    """(b) AOTInductor (``--target e2ip_ase``) vs eager checkpoint model, float64: NequIP's float64 tolerance
+    (on the stretched geometry, the novelty factor is < 1: the compiled model carries the fitted buffers)."""
+    atoms = request.getfixturevalue(geometry)
+    eager, comp = _results(calcs["checkpoint"], atoms), _results(calcs["compiled"], atoms)
     assert set(E2IP_KEYS) <= set(comp)
     for k in ["energy", "energies", "forces"] + E2IP_KEYS:
         np.testing.assert_allclose(comp[k], eager[k], rtol=TOL64, atol=TOL64 * np.abs(eager[k]).max(), err_msg=k)
     # a molecule has no cell: NequIP's stress is NaN in both (the e2ip_ase target only boxes the *tracing* example)
     assert np.isnan(eager["stress"]).all() and np.isnan(comp["stress"]).all()
+
+
+def test_novelty_fitted_by_nequip_train(artefacts):
+    """``nequip-train`` with the shipped config (NoveltyFitCallback) leaves fitted novelty buffers in best.ckpt."""
+    sd = torch.load(artefacts["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    refs = [v for k, v in sd.items() if k.endswith("uq_head.novelty.novelty_ref")]
+    whiten = [v for k, v in sd.items() if k.endswith("uq_head.novelty.novelty_whiten")]
+    assert len(refs) == 1 and torch.all(refs[0] > 0), refs  # C, H, O all fitted
+    assert torch.all(torch.diagonal(whiten[0], dim1=-2, dim2=-1) > 0)
+
+
+def test_stretched_bond_raises_epistemic_uncertainty(calcs, molecule, stretched):
+    """An H atom pulled to 2.2 Å from its carbon gets a larger U_epi than every atom of the training-like
+    molecule, and the novelty score (s/s_ref > 1) is what raises it."""
+    from nequip_ext.novelty import novelty_head
+
+    h = stretched.info["stretched_atom"]
+    u0 = _results(calcs["checkpoint"], molecule)["forces_uncertainty"]
+    u1 = _results(calcs["checkpoint"], stretched)["forces_uncertainty"]
+    assert u1[h] > 2.0 * u0.max(), (u1[h], u0.max())
+    calc = calcs["checkpoint"]
+    head = novelty_head(calc.model)
+    seen = {}
+    handle = head.novelty.register_forward_hook(lambda m, i, o: seen.update(r=o[0].detach()))
+    try:
+        _results(calc, stretched)
+    finally:
+        handle.remove()
+    assert float(seen["r"][h]) > 1.0 and float(seen["r"][h]) == float(seen["r"].max())
 
 
 @pytest.mark.parametrize("which", ["checkpoint", "compiled"])
