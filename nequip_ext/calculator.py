@@ -51,7 +51,7 @@ class E2IPNequIPCalculator(NequIPCalculator):
     Covariances scale with ``energy_units_to_eV / length_units_to_A`` squared, like forces squared.
     """
 
-    implemented_properties = list(NequIPCalculator.implemented_properties) + list(E2IP_EXTRA_OUTPUTS)
+    implemented_properties = list(NequIPCalculator.implemented_properties) + list(E2IP_EXTRA_OUTPUTS) + [K.E2IP_NOVELTY_KEY]
 
     @classmethod
     def _get_aoti_compile_target(cls) -> Dict:
@@ -103,6 +103,8 @@ class E2IPNequIPCalculator(NequIPCalculator):
             self.results[k] = force_unit**2 * out[k].detach().cpu().numpy().reshape(-1, 3, 3)
         u = out[K.FORCES_UNCERTAINTY_KEY].detach().cpu().numpy().reshape(-1)
         self.results[K.FORCES_UNCERTAINTY_KEY] = force_unit * u
+        if K.E2IP_NOVELTY_KEY in out:  # eager models: novelty ratio s/s_ref per atom (e2ip_plugins.novelty)
+            self.results[K.E2IP_NOVELTY_KEY] = out[K.E2IP_NOVELTY_KEY].detach().cpu().numpy().reshape(-1)
         # raw evidence (eager models only: the e2ip_ase target returns the covariances, not the evidence)
         raw = [k for k in list(K.E2IP_HEAD_FIELDS.values()) + list(K.EIP_HEAD_FIELDS.values()) if k in out]
         self.e2ip_evidence = {k: out[k].detach().cpu() for k in raw + [AtomicDataDict.FORCE_KEY] if raw}
