@@ -153,6 +153,7 @@ def test_resume_from_last_ckpt_continues(tmp_path):
         "trainer.callbacks=["
         f"{{_target_: lightning.pytorch.callbacks.ModelCheckpoint, monitor: val0_epoch/weighted_sum, dirpath: {b}, "
         "filename: best, save_last: true},"
+        "{_target_: nequip_ext.NoveltyFitCallback},"  # as in the shipped config: refits the novelty buffers
         f"{{_target_: tests.nequip._cli_helpers.TrainStartStateDump, out_file: {probe}}}]"
     )
     nequip_train(b, "max_epochs=2", *files, f"+ckpt_path={a / 'last.ckpt'}", callbacks)
