@@ -25,7 +25,7 @@ adapters pass ``training``: NequIP's module mode, MACE's ``training`` argument),
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 
@@ -131,15 +131,16 @@ class NoveltyFitter:
         for feats, species in train_batches: fit.add_train(feats, species)
         fit.finish_moments()
         for feats, species in val_batches: fit.add_val(feats, species)
-        fit.finish_reference()          # without val batches: the training scores are used
+        fit.finish_reference()          # keep_train=True and no val batches: the training scores are used
 
     Moments are accumulated in float64 and summed over ranks when ``torch.distributed``
     is initialised (``all_reduce``); the reference is the mean over ranks of each rank's
     per-species quantile.
     """
 
-    def __init__(self, module: NoveltyEvidence):
+    def __init__(self, module: NoveltyEvidence, keep_train: bool = False):
         self.module = module
+        self.keep_train = bool(keep_train)  # keep the training features for a reference without val data
         d, s = module.num_features, module.num_species
         self.n = torch.zeros(s, dtype=torch.float64)
         self.sx = torch.zeros(s, d, dtype=torch.float64)
@@ -157,7 +158,8 @@ class NoveltyFitter:
                 self.n[z] += len(xz)
                 self.sx[z] += xz.sum(0)
                 self.sxx[z] += xz.T @ xz
-        self.train_feats.append((x, sp))
+        if self.keep_train:
+            self.train_feats.append((x, sp))
 
     @torch.no_grad()
     def finish_moments(self) -> None:
@@ -186,7 +188,7 @@ class NoveltyFitter:
     def add_val(self, feats: torch.Tensor, species: torch.Tensor) -> None:
         x = feats.detach().to("cpu", torch.float64)
         sp = species.detach().to("cpu").long()
-        s = _score64(self.module, x, sp)
+        s = self.module.score(x, sp)  # float64 features: buffers are cast to float64
         for z in range(self.module.num_species):
             if (sp == z).any():
                 self.val_scores[z].append(s[sp == z])
@@ -209,14 +211,6 @@ class NoveltyFitter:
         self.train_feats = []
 
 
-def _score64(module: NoveltyEvidence, x: torch.Tensor, sp: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(x.shape[0], dtype=torch.float64)
-    for z in range(module.num_species):
-        w = (x - module.novelty_mean[z].double()) @ module.novelty_whiten[z].double()
-        out = torch.where(sp == z, (w * w).sum(-1), out)
-    return out
-
-
 def _all_reduce_(*tensors: torch.Tensor) -> None:
     import torch.distributed as dist
 
@@ -225,13 +219,17 @@ def _all_reduce_(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t)
 
 
-def fit_novelty(module: NoveltyEvidence, train_batches, val_batches: Optional[list] = None) -> NoveltyEvidence:
-    """Fit ``module`` from iterables of (features, species): training moments, then the reference."""
-    fit = NoveltyFitter(module)
+def fit_novelty(
+    module: NoveltyEvidence, train_batches: Iterable, val_batches: Optional[Iterable] = None
+) -> NoveltyEvidence:
+    """Fit ``module`` from iterables of (features, species): training moments, then the reference
+    (from the validation batches; without them, from the training atoms). ``val_batches`` is only
+    iterated after the moments are fitted, so it may be a lazy generator."""
+    fit = NoveltyFitter(module, keep_train=val_batches is None)
     for feats, species in train_batches:
         fit.add_train(feats, species)
     fit.finish_moments()
-    for feats, species in val_batches or []:
+    for feats, species in val_batches if val_batches is not None else []:
         fit.add_val(feats, species)
     fit.finish_reference()
     return module

@@ -51,7 +51,8 @@ from e2ip_plugins import (
 )
 from e2ip_plugins._e3nn import o3
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
-from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence, NoveltyFitter
+from e2ip_plugins import novelty as core_novelty
+from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
 from mace.modules.models import MACE, ScaleShiftMACE
 
 HEAD_TYPES = ("e2ip", "eip")
@@ -342,25 +343,21 @@ def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device
     device = device or ref.device
     was_training = model.training
     model.eval()
-    fitter = NoveltyFitter(model.e2ip_novelty)
 
-    def features(loader):
-        for batch in loader:
-            data = batch.to(device).to_dict()
-            out = model._e2ip_backbone_forward(data, False, False, False, False, False, False, False, False, False)
-            yield model.e2ip_invariants(out["node_feats"]), torch.argmax(data["node_attrs"], dim=-1)
+    def features(loaders):
+        for loader in loaders:
+            for batch in loader:
+                data = batch.to(device).to_dict()
+                out = model._e2ip_backbone_forward(data, False, False, False, False, False, False, False, False, False)
+                yield model.e2ip_invariants(out["node_feats"]), torch.argmax(data["node_attrs"], dim=-1)
 
-    for feats, species in features(train_loader):
-        fitter.add_train(feats, species)
-    fitter.finish_moments()
-    for loader in list(valid_loaders or []):
-        for feats, species in features(loader):
-            fitter.add_val(feats, species)
-    fitter.finish_reference()
+    core_novelty.fit_novelty(
+        model.e2ip_novelty, features([train_loader]), features(valid_loaders) if valid_loaders else None
+    )
     model.train(was_training)
     logging.info(
-        "e2ip: novelty fitted on %d training atoms; reference s_ref per element = %s",
-        int(fitter.n.sum()), [round(float(v), 3) for v in model.e2ip_novelty.novelty_ref],
+        "e2ip: novelty fitted on the training and validation sets; reference s_ref per element = %s",
+        [round(float(v), 3) for v in model.e2ip_novelty.novelty_ref],
     )
     return True
 

@@ -52,7 +52,7 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
     Novelty-aware evidence (:mod:`e2ip_plugins.novelty`, on by default): κ is multiplied by
     min(1, s/s_ref)^(−p), s the per-species Mahalanobis distance of the invariants of the head's
     input features to the training atoms; fitted by :class:`nequip_ext.NoveltyFitCallback`
-    (or ``python -m nequip_ext.fit_novelty``), written as ``e2ip_novelty`` = s/s_ref.
+    (or ``nequip_fit_novelty_e2ip``), written as ``e2ip_novelty`` = s/s_ref.
 
     Args:
         irreps_in: irreps dict of the preceding module (must hold ``field`` with l > 0)

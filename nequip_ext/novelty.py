@@ -7,7 +7,7 @@
   data the reference quantile. Lightning's ``ModelCheckpoint`` saves at the end of
   validation, so every checkpoint (``best.ckpt`` used by the test run, ``last.ckpt`` for
   resuming) carries buffers fitted on its own weights.
-- ``python -m nequip_ext.fit_novelty --ckpt best.ckpt --train train.xyz --val val.xyz``:
+- ``nequip_fit_novelty_e2ip --ckpt best.ckpt --train train.xyz --val val.xyz``:
   the same fit for an existing checkpoint, written to ``--out`` (default: in place).
 """
 
@@ -19,7 +19,7 @@ from typing import Iterable, List, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from e2ip_plugins.novelty import NoveltyFitter
+from e2ip_plugins.novelty import fit_novelty
 
 from .model import HEAD_MODULE_NAME
 
@@ -67,13 +67,8 @@ def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None) -
         return False
     was_training = model.training
     model.eval()
-    fit = NoveltyFitter(head.novelty)
-    for feats, species in head_features(model, train_batches):
-        fit.add_train(feats, species)
-    fit.finish_moments()
-    for feats, species in head_features(model, val_batches or []):
-        fit.add_val(feats, species)
-    fit.finish_reference()
+    val = head_features(model, val_batches) if val_batches is not None else None
+    fit_novelty(head.novelty, head_features(model, train_batches), val)
     model.train(was_training)
     return True
 
@@ -99,7 +94,7 @@ class NoveltyFitCallback(Callback):
         for model in pl_module.model.values():
             val = dm.val_dataloader()
             val = val if isinstance(val, (list, tuple)) else [val]
-            fit_model_novelty(model, dm.train_dataloader(), [b for loader in val[:1] for b in loader])
+            fit_model_novelty(model, dm.train_dataloader(), val[0])
 
 
 # ------------------------------------------------------------------ command for existing checkpoints
