@@ -59,6 +59,9 @@ def run_model(ckpt: str, files: Dict[str, str], r_max: float, type_names: List[s
 
     set_global_state(allow_tf32=False)
     model = load_saved_model(ckpt).eval()
+    for mod in model.modules():  # the head's own κ: the candidates apply their factor themselves
+        if hasattr(mod, "novelty_enabled"):
+            mod.novelty_enabled = False
     mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=type_names)
     convs = [(n, m) for n, m in model.named_modules() if n.endswith("_convnet")]
     head = [m for n, m in model.named_modules() if n.endswith("uq_head")][0]

@@ -8,9 +8,9 @@ there is no training data. The evidence is therefore tied to a feature-space den
                  channels, of every layer the adapter passes in)
     s_i          = ‖W_z (h_i − μ_z)‖²,  W_zᵀW_z = (C_z + δ_z·tr(C_z)/D·I)⁻¹  (squared Mahalanobis
                  distance to the Gaussian of the n_z training atoms of species z;
-                 δ_z = max(``jitter``, (D/n_z)⁴): a ridge that matters only for few atoms per feature)
+                 δ_z = max(``jitter``, (D/n_z)⁶): a ridge that matters only for few atoms per feature)
     r_i          = s_i / s_ref,z        s_ref,z = q-quantile of s over the validation atoms of z
-    κ_i          = κ_head,i · min(1, r_i)^p    ⇒   U_epi,i = U_ale,i / κ_i grows as r_i^p
+    κ_i          = κ_head,i · max(1, r_i)^(−p)    ⇒   U_epi,i = U_ale,i / κ_i grows as r_i^p
                                                    (u_i as r_i^{p/2}) beyond the reference
 
 Atoms inside the bulk of the validation scores (r ≤ 1) keep the head's evidence; the
@@ -65,17 +65,17 @@ class InvariantFeatures(torch.nn.Module):
 
 
 class NoveltyEvidence(torch.nn.Module):
-    """Per-species Gaussian novelty score and the evidence factor min(1, s/s_ref)^(−p) (module docstring).
+    """Per-species Gaussian novelty score and the evidence factor max(1, s/s_ref)^(−p) (module docstring).
 
     Args:
         num_features: D, length of the invariant feature vector
         num_species: number of species indices (0 … S−1)
-        power: p (default 4)
-        quantile: q of the reference score on the validation split (default 0.9)
+        power: p (default 10)
+        quantile: q of the reference score on the validation split (default 0.99)
         jitter: δ, relative ridge added to each species covariance (default 1e-6)
     """
 
-    def __init__(self, num_features: int, num_species: int, power: float = 4.0, quantile: float = 0.9,
+    def __init__(self, num_features: int, num_species: int, power: float = 10.0, quantile: float = 0.99,
                  jitter: float = 1e-6):
         super().__init__()
         if power < 0:
@@ -87,6 +87,7 @@ class NoveltyEvidence(torch.nn.Module):
         self.power = float(power)
         self.quantile = float(quantile)
         self.jitter = float(jitter)
+        self.ratio_cap = 100.0  # r_cap of the factor (module docstring)
         d, s = self.num_features, self.num_species
         self.register_buffer("novelty_mean", torch.zeros(s, d))
         self.register_buffer("novelty_whiten", torch.zeros(s, d, d))
@@ -115,7 +116,23 @@ class NoveltyEvidence(torch.nn.Module):
             ones = feats.new_ones(feats.shape[0])
             return ones * 0.0, ones
         r = self.ratio(feats, species)
-        return r, r.clamp(min=1.0).pow(-self.power)
+        return r, r.clamp(min=1.0, max=self.ratio_cap).pow(-self.power)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a checkpoint written before the novelty buffers existed, or with another feature layout, loads as
+        # unfitted (factor 1) instead of failing: refit it with the fit command of the adapter
+        names = ("novelty_mean", "novelty_whiten", "novelty_ref")
+        stale = [n for n in names if prefix + n not in state_dict or state_dict[prefix + n].shape != getattr(self, n).shape]
+        if stale:
+            import warnings
+
+            warnings.warn(f"{prefix}novelty buffers missing or of another shape in the state dict: the novelty "
+                          "factor is left unfitted (1); refit it with nequip_fit_novelty_e2ip / mace_fit_novelty_e2ip")
+            for n in names:
+                state_dict[prefix + n] = torch.zeros_like(getattr(self, n))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def is_fitted(self) -> bool:
@@ -175,7 +192,7 @@ class NoveltyFitter:
             mu = self.sx[z] / n
             cov = (self.sxx[z] - n * torch.outer(mu, mu)) / (n - 1)
             cov = 0.5 * (cov + cov.T)
-            delta = max(m.jitter, (m.num_features / n) ** 4)  # few atoms per feature: shrink (n = D → δ = 1)
+            delta = max(m.jitter, (m.num_features / n) ** 6)  # few atoms per feature: shrink (n = D → δ = 1)
             cov = cov + delta * max(float(torch.trace(cov)) / m.num_features, 1e-12) * eye
             prec = torch.linalg.inv(cov)
             whiten[z] = torch.linalg.cholesky(0.5 * (prec + prec.T))  # prec = W Wᵀ, s = ‖(h−μ)W‖²

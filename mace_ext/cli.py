@@ -84,7 +84,7 @@ from .model import HEAD_TYPES, E2IPConfigError, attach_e2ip_head, fit_novelty
 DEFAULTS = dict(
     e2ip_head="e2ip", e2ip_weight=1.0, e2ip_reg=0.1, e2ip_detach_mean=False, e2ip_residual_metric="euclidean",
     e2ip_channels=16, e2ip_mlp=32, e2ip_quantile=0.5, e2ip_force_rms=None,
-    e2ip_novelty=True, e2ip_novelty_power=4.0, e2ip_novelty_quantile=0.9,
+    e2ip_novelty=True, e2ip_novelty_power=10.0, e2ip_novelty_quantile=0.99,
 )
 
 UQ_LOG_KEYS = (
@@ -158,7 +158,7 @@ def add_e2ip_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--e2ip_force_rms", type=float, default=DEFAULTS["e2ip_force_rms"],
                        help="force scale sigma_F in eV/A (default: RMS of the training forces)")
     group.add_argument("--e2ip_novelty", type=_str2bool, nargs="?", const=True, default=DEFAULTS["e2ip_novelty"],
-                       help="novelty-aware evidence (e2ip head): kappa <- kappa * min(1, s/s_ref)^-p, s the per-element "
+                       help="novelty-aware evidence (e2ip head): kappa <- kappa * max(1, s/s_ref)^-p, s the per-element "
                             "Mahalanobis distance of the node-feature invariants to the training atoms; fitted on "
                             "the train/valid sets when the final checkpoints are loaded, before the .model files are saved")
     group.add_argument("--e2ip_novelty_power", type=float, default=DEFAULTS["e2ip_novelty_power"],

@@ -23,7 +23,7 @@ key                               shape      meaning
 ================================  =========  ==========================================
 
 Novelty-aware evidence (:mod:`e2ip_plugins.novelty`, head ``e2ip``, on by default): the
-head's κ is multiplied by min(1, s/s_ref)^(−p), s the per-species Mahalanobis distance of the
+head's κ is multiplied by max(1, s/s_ref)^(−p), s the per-species Mahalanobis distance of the
 invariants of *every* product block's output (MACE's ``node_feats``) to the training atoms.
 ``mace_run_train_e2ip`` fits it when it loads the final stage-one / stage-two checkpoints,
 before MACE saves the ``.model`` files (:func:`fit_novelty`); ``mace_fit_novelty_e2ip`` refits
@@ -279,7 +279,7 @@ def attach_e2ip_head(
 
     ``force_rms`` is σ_F (eV/Å), the force scale of Σ₀ (ignored by ``eip``). The head
     is created in the default dtype and moved to the model's device/dtype. ``novelty``:
-    ``{enabled: True, power: 4.0, quantile: 0.9, jitter: 1e-6}`` (e2ip head only). Returns the
+    ``{enabled: True, power: 10.0, quantile: 0.99, jitter: 1e-6}`` (e2ip head only). Returns the
     same object, now an :class:`E2IPMACE` or :class:`E2IPScaleShiftMACE`.
     """
     if head not in HEAD_TYPES:

@@ -19,6 +19,8 @@ E2IP_SIGMA0_KEY: Final[str] = "e2ip_sigma0"  # (N, 3, 3)
 E2IP_SIGMA0_INV_KEY: Final[str] = "e2ip_sigma0_inv"  # (N, 3, 3)
 E2IP_SIGMA0_LOGDET_KEY: Final[str] = "e2ip_sigma0_logdet"  # (N,)
 E2IP_NOVELTY_KEY: Final[str] = "e2ip_novelty"  # (N,) s/s_ref of e2ip_plugins.novelty (0 if unfitted)
+# internal: invariants of the head's input, read by the novelty module after the last convnet
+E2IP_HEAD_INVARIANTS_KEY: Final[str] = "e2ip_head_invariants"
 
 # === raw evidence of the eIP (per-component) head ===
 EIP_NU_KEY: Final[str] = "eip_nu"  # (N, 3)

@@ -4,7 +4,11 @@ Builds the usual :func:`nequip.model.NequIPGNNModel` and inserts the head
 (:class:`~nequip_ext.nn.E2IPHeadModule` or :class:`~nequip_ext.nn.EIPHeadModule`)
 before the last convnet, whose input is the last node feature that still carries
 l > 0 (NequIP makes the last convnet scalar-only). The head reads those features
-and writes the covariance fields; energy, forces and stress are untouched.
+and writes the covariance fields; energy, forces and stress are untouched. With
+novelty-aware evidence (e2ip, on by default) the parameter-free
+:class:`~nequip_ext.nn.E2IPNoveltyModule` (``uq_novelty``) after the last convnet scores the
+invariants of the head's input and of the last convnet's output, and writes κ and the
+covariance fields.
 
 YAML::
 
@@ -15,7 +19,7 @@ YAML::
         kind: e2ip            # or eip
         num_channels: 16
         force_rms: ${training_data_stats:forces_rms}   # σ_F of Σ₀ (e2ip only)
-        novelty: {enabled: true, power: 4.0, quantile: 0.9}   # e2ip only; fitted by nequip_ext.NoveltyFitCallback
+        novelty: {enabled: true, power: 10.0, quantile: 0.99}   # e2ip only; fitted by nequip_ext.NoveltyFitCallback
 
 ``force_rms`` default: NequIP has no single "force scale" model argument, but its
 standard configs set ``per_type_energy_scales`` to the training force RMS
@@ -33,10 +37,11 @@ from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
-from .nn import E2IPHeadModule, EIPHeadModule
+from .nn import E2IPHeadModule, E2IPNoveltyModule, EIPHeadModule
 
 HEAD_KINDS = {"e2ip": E2IPHeadModule, "eip": EIPHeadModule}
 HEAD_MODULE_NAME = "uq_head"
+NOVELTY_MODULE_NAME = "uq_novelty"
 
 
 def _default_force_rms(per_type_energy_scales) -> float:
@@ -85,6 +90,11 @@ def attach_uq_head(
     last = convnets[-1]
     head = HEAD_KINDS[kind](irreps_in=seq._modules[last].irreps_in, **cfg)
     seq.insert(HEAD_MODULE_NAME, head, before=last)
+    if getattr(head, "novelty_enabled", False):
+        opts = {k: v for k, v in dict(cfg.get("novelty") or {}).items() if k != "enabled"}
+        nov = E2IPNoveltyModule(irreps_in=seq._modules[last].irreps_out, num_species=cfg["num_species"],
+                                head_invariants=head.invariants.num_features, **opts)
+        seq.insert(NOVELTY_MODULE_NAME, nov, after=last)
     return ForceStressOutput(seq, do_derivatives=model.do_derivatives)
 
 

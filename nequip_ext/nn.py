@@ -47,18 +47,17 @@ def _write_covariances(
 
 
 class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
-    """Equivariant NIW evidential head (DESIGN §2.1) as a NequIP graph module.
+    """Equivariant NIW evidential head (DESIGN §2.1) as a NequIP graph module (before the last convnet).
 
-    Novelty-aware evidence (:mod:`e2ip_plugins.novelty`, on by default): κ is multiplied by
-    min(1, s/s_ref)^(−p), s the per-species Mahalanobis distance of the invariants of the head's
-    input features to the training atoms; fitted by :class:`nequip_ext.NoveltyFitCallback`
-    (or ``nequip_fit_novelty_e2ip``), written as ``e2ip_novelty`` = s/s_ref.
+    With novelty (on by default) it writes the head's raw evidence and the invariants of its input
+    (``e2ip_head_invariants``); :class:`E2IPNoveltyModule`, after the last convnet, applies the
+    novelty factor and writes κ and the covariance keys. Without novelty it writes them itself.
 
     Args:
         irreps_in: irreps dict of the preceding module (must hold ``field`` with l > 0)
         field: node feature field to read (default ``node_features``)
-        num_species: number of atom types (the model's ``type_names``)
-        novelty: ``{enabled: true, power: 4.0, quantile: 0.9, jitter: 1e-6}``
+        num_species: accepted for a uniform ``uq_head`` interface (used by :class:`E2IPNoveltyModule`)
+        novelty: ``{enabled: true, ...}``; the other options go to :class:`E2IPNoveltyModule`
         **head_kwargs: forwarded to :class:`e2ip_plugins.EvidentialHead`
             (``force_rms``, ``num_channels``, ``mlp_hidden``, ``nu_offset``, ...)
     """
@@ -69,8 +68,7 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
                  novelty: Optional[dict] = None, **head_kwargs):
         super().__init__()
         self.field = field
-        nov = dict(novelty or {})
-        self.novelty_enabled = bool(nov.pop("enabled", True))
+        self.novelty_enabled = bool(dict(novelty or {}).get("enabled", True))
         self._init_irreps(
             irreps_in=irreps_in,
             required_irreps_in=[field],
@@ -82,33 +80,75 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
                 K.E2IP_SIGMA0_INV_KEY: None,
                 K.E2IP_SIGMA0_LOGDET_KEY: None,
                 K.E2IP_NOVELTY_KEY: None,
+                K.E2IP_HEAD_INVARIANTS_KEY: None,
             },
         )
         self.head = EvidentialHead(self.irreps_in[field], **head_kwargs)
         self.invariants = InvariantFeatures([str(self.irreps_in[field])])
-        self.novelty = NoveltyEvidence(self.invariants.num_features, int(num_species), **nov)
 
-    def novelty_features(self, data: AtomicDataDict.Type):
-        """(invariant features (N, D), atom types (N,)) that the novelty score reads."""
-        return self.invariants(data[self.field]), data[AtomicDataDict.ATOM_TYPE_KEY]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the novelty moved to E2IPNoveltyModule hold its buffers here
+        for key in [k for k in state_dict if k.startswith(prefix + "novelty.")]:
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         out = self.head(data[self.field])
-        kappa = out["kappa"]
-        if self.novelty_enabled:
-            ratio, factor = self.novelty(
-                self.invariants(data[self.field]), data[AtomicDataDict.ATOM_TYPE_KEY], self.training
-            )
-            kappa = kappa * factor
-        else:
-            ratio = torch.zeros_like(kappa)
-        tot, epi, ale = niw_covariances(out["nu"], kappa, out["sigma0"])
         data[K.E2IP_NU_KEY] = out["nu"]
-        data[K.E2IP_KAPPA_KEY] = kappa
-        data[K.E2IP_NOVELTY_KEY] = ratio
+        data[K.E2IP_KAPPA_KEY] = out["kappa"]
         data[K.E2IP_SIGMA0_KEY] = out["sigma0"]
         data[K.E2IP_SIGMA0_INV_KEY] = out["sigma0_inv"]
         data[K.E2IP_SIGMA0_LOGDET_KEY] = out["sigma0_logdet"]
+        if self.novelty_enabled:
+            data[K.E2IP_HEAD_INVARIANTS_KEY] = self.invariants(data[self.field])
+            return data  # E2IPNoveltyModule writes e2ip_novelty, κ and the covariances
+        data[K.E2IP_NOVELTY_KEY] = torch.zeros_like(out["kappa"])
+        tot, epi, ale = niw_covariances(out["nu"], out["kappa"], out["sigma0"])
+        return _write_covariances(data, tot, epi, ale)
+
+
+class E2IPNoveltyModule(GraphModuleMixin, torch.nn.Module):
+    """Novelty-aware evidence (:mod:`e2ip_plugins.novelty`) after the last NequIP convnet.
+
+    κ ← κ·max(1, s/s_ref)^(−p), s the per-species Mahalanobis distance to the training atoms of
+    [invariants of the head's input, invariants of ``field`` (the last convnet's output)];
+    writes ``e2ip_novelty`` = s/s_ref, the effective ``e2ip_kappa`` and the covariance keys.
+    Parameter-free (buffers only), so checkpoints keep the parameter order of the head-only
+    model. Fitted by :class:`nequip_ext.NoveltyFitCallback` or ``nequip_fit_novelty_e2ip``.
+
+    Args:
+        irreps_in: irreps dict after the last convnet
+        num_species: number of atom types (the model's ``type_names``)
+        head_invariants: D of ``e2ip_head_invariants``
+        field: node features after the last convnet (default ``node_features``)
+        **novelty: ``power`` (10), ``quantile`` (0.99), ``jitter`` (1e-6) of
+            :class:`e2ip_plugins.novelty.NoveltyEvidence`
+    """
+
+    def __init__(self, irreps_in, num_species: int, head_invariants: int,
+                 field: str = AtomicDataDict.NODE_FEATURES_KEY, **novelty):
+        super().__init__()
+        self.field = field
+        self._init_irreps(
+            irreps_in=irreps_in,
+            required_irreps_in=[field, K.E2IP_HEAD_INVARIANTS_KEY],
+            irreps_out={**_COV_OUT, K.E2IP_KAPPA_KEY: None, K.E2IP_NOVELTY_KEY: None},
+        )
+        self.invariants = InvariantFeatures([str(self.irreps_in[field])])
+        self.novelty = NoveltyEvidence(int(head_invariants) + self.invariants.num_features, int(num_species), **novelty)
+
+    def novelty_features(self, data: AtomicDataDict.Type):
+        """(invariant features (N, D), atom types (N,)) that the novelty score reads."""
+        feats = torch.cat([data[K.E2IP_HEAD_INVARIANTS_KEY], self.invariants(data[self.field])], dim=1)
+        return feats, data[AtomicDataDict.ATOM_TYPE_KEY]
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        feats, species = self.novelty_features(data)
+        ratio, factor = self.novelty(feats, species, self.training)
+        kappa = data[K.E2IP_KAPPA_KEY] * factor
+        tot, epi, ale = niw_covariances(data[K.E2IP_NU_KEY], kappa, data[K.E2IP_SIGMA0_KEY])
+        data[K.E2IP_KAPPA_KEY] = kappa
+        data[K.E2IP_NOVELTY_KEY] = ratio
         return _write_covariances(data, tot, epi, ale)
 
 

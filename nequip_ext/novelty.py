@@ -2,8 +2,8 @@
 
 - :class:`NoveltyFitCallback` (in the shipped configs): at the start of every validation
   epoch, while NequIP's EMA weights are swapped in (the weights that are validated,
-  checkpointed and tested), one no-grad pass over the training data (up to the head: the
-  layers after it are skipped) fits the per-species moments, and one over the validation
+  checkpointed and tested), one no-grad pass over the training data (up to the novelty
+  module after the last convnet: the readout is skipped) fits the per-species moments, and one over the validation
   data the reference quantile. Lightning's ``ModelCheckpoint`` saves at the end of
   validation, so every checkpoint (``best.ckpt`` used by the test run, ``last.ckpt`` for
   resuming) carries buffers fitted on its own weights.
@@ -21,15 +21,15 @@ from lightning.pytorch.callbacks import Callback
 
 from e2ip_plugins.novelty import fit_novelty
 
-from .model import HEAD_MODULE_NAME
+from .model import NOVELTY_MODULE_NAME
 
 
 def novelty_head(model: torch.nn.Module):
-    """The model's e²IP head module with novelty enabled (None if there is none)."""
-    from .nn import E2IPHeadModule
+    """The model's :class:`~nequip_ext.nn.E2IPNoveltyModule` (None if novelty is off or the head is eIP)."""
+    from .nn import E2IPNoveltyModule
 
     for mod in model.modules():
-        if isinstance(mod, E2IPHeadModule) and mod.novelty_enabled:
+        if isinstance(mod, E2IPNoveltyModule):
             return mod
     return None
 
@@ -38,15 +38,15 @@ def _layers_before_head(model: torch.nn.Module) -> List[torch.nn.Module]:
     from nequip.nn import SequentialGraphNetwork
 
     for mod in model.modules():
-        if isinstance(mod, SequentialGraphNetwork) and HEAD_MODULE_NAME in mod._modules:
+        if isinstance(mod, SequentialGraphNetwork) and NOVELTY_MODULE_NAME in mod._modules:
             names = list(mod._modules)
-            return [mod._modules[n] for n in names[: names.index(HEAD_MODULE_NAME)]]
-    raise ValueError("no SequentialGraphNetwork with a uq_head found in the model")
+            return [mod._modules[n] for n in names[: names.index(NOVELTY_MODULE_NAME)]]
+    raise ValueError(f"no SequentialGraphNetwork with a {NOVELTY_MODULE_NAME} module found in the model")
 
 
 @torch.no_grad()
 def head_features(model: torch.nn.Module, batches: Iterable[dict], device=None):
-    """Yield (invariant features, atom types) of each batch, running the layers before the head only."""
+    """Yield (invariant features, atom types) of each batch, running the layers before the novelty module only."""
     head = novelty_head(model)
     layers = _layers_before_head(model)
     ref = next(model.parameters())
@@ -132,11 +132,17 @@ def fit_checkpoint(ckpt: str, train: str, val: Optional[str], out: Optional[str]
     written = 0
     for key in list(sd):
         for name, value in buffers.items():
-            if key.endswith(f"{HEAD_MODULE_NAME}.novelty.{name}"):
+            if key.endswith(f"{NOVELTY_MODULE_NAME}.novelty.{name}"):
                 sd[key] = value.detach().to(sd[key].dtype).clone()
                 written += 1
     if written == 0:
-        raise KeyError(f"{ckpt}: no '{HEAD_MODULE_NAME}.novelty.*' buffers in the checkpoint state dict")
+        # a checkpoint from before the novelty module existed: its buffers are added next to the head
+        for pre in {k.split(".uq_head.")[0] + f".{NOVELTY_MODULE_NAME}.novelty." for k in sd if ".uq_head." in k}:
+            for name, value in buffers.items():
+                sd[pre + name] = value.detach().clone()
+                written += 1
+    if written == 0:
+        raise KeyError(f"{ckpt}: no e2ip head in the checkpoint state dict")
     torch.save(state, out or ckpt)
     return {"ref": head.novelty.novelty_ref.tolist(), "written": written, "type_names": type_names}
 

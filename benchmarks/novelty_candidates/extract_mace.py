@@ -8,6 +8,7 @@ torch.set_default_dtype(torch.float64)
 D = sys.argv[2].rstrip("/") + "/"
 calc = E2IPMACECalculator(model_paths=[sys.argv[1]], device="cpu", default_dtype="float64")
 model = calc.models[0]
+model.e2ip_novelty_enabled = False  # the head's own κ: the candidates apply their factor themselves
 irr = [o3.Irreps(str(p.linear.irreps_out)) for p in model.products]
 cap = {}
 def hook(mod, inp, out):

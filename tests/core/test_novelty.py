@@ -34,12 +34,12 @@ def test_fit_matches_direct_mahalanobis_and_quantile():
         mu = xn[spn == z].mean(0)
         cov = np.cov(xn[spn == z].T)
         n_z = int((spn == z).sum())
-        prec = np.linalg.inv(cov + (d / n_z) ** 4 * np.trace(cov) / d * np.eye(d))  # the documented ridge δ_z
+        prec = np.linalg.inv(cov + (d / n_z) ** 6 * np.trace(cov) / d * np.eye(d))  # the documented ridge δ_z
         r = xvn[spvn == z] - mu
         s_direct = np.einsum("ni,ij,nj->n", r, prec, r)
         np.testing.assert_allclose(mod.score(xv[spv == z], spv[spv == z]).numpy(), s_direct, rtol=1e-8)
         assert float(mod.novelty_ref[z]) == pytest.approx(np.quantile(s_direct, 0.8), rel=1e-8)
-    # the factor is min(1, r)^-p, at evaluation only
+    # the factor is max(1, r)^-p, at evaluation only
     r, f = mod(xv, spv)
     np.testing.assert_allclose(f.numpy(), np.minimum(1.0, 1.0 / r.numpy()) ** 2.0, rtol=1e-12)
     assert float((r > 1).double().mean()) == pytest.approx(0.2, abs=0.02)
@@ -55,6 +55,26 @@ def test_unfitted_module_is_neutral_and_options_are_checked():
         NoveltyEvidence(4, 3, quantile=1.5)
     with pytest.raises(ValueError, match="power"):
         NoveltyEvidence(4, 3, power=-1.0)
+
+
+def test_factor_is_capped_and_stale_state_dict_loads_unfitted():
+    x, sp = _gaussian_species(200, 3, 3)
+    mod = NoveltyEvidence(3, 2).float()  # defaults p = 10: float32 κ must stay finite and positive
+    fit_novelty(mod, [(x, sp)])
+    far = torch.full((2, 3), 1e6)
+    r, f = mod(far, torch.tensor([0, 1]))
+    assert torch.all(r > mod.ratio_cap)
+    torch.testing.assert_close(f, torch.full((2,), mod.ratio_cap ** -mod.power))
+    assert torch.all(f > 0) and torch.all(torch.isfinite(1.0 / f))
+    # a checkpoint of another feature layout (or from before the buffers existed) loads as unfitted
+    other = NoveltyEvidence(4, 2)
+    fit_novelty(other, [(torch.randn(50, 4), torch.randint(0, 2, (50,)))])
+    with pytest.warns(UserWarning, match="unfitted"):
+        mod.load_state_dict(other.state_dict())
+    assert not mod.is_fitted and mod.novelty_whiten.shape == (2, 3, 3)
+    with pytest.warns(UserWarning, match="unfitted"):
+        other.load_state_dict({})
+    assert not other.is_fitted
 
 
 def test_species_absent_from_training_stays_unfitted():

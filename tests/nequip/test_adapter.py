@@ -77,16 +77,41 @@ def test_head_module_scriptable_and_names(kind):
     m = nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head={"kind": kind, "num_channels": 4, "mlp_hidden": 8})
     names = [n for n, _ in m.named_parameters() if "uq_head" in n] + [n for n, _ in m.named_buffers() if "uq_head" in n]
     assert names and not any(("scale" in n or "shift" in n) for n in names)
+    order = list(m.model.func._modules)
+    # the head reads the last convnet's input; the (parameter-free) novelty module runs after that convnet
+    assert order.index("uq_head") + 1 == order.index("layer1_convnet")
+    if kind == "e2ip":
+        assert order.index("uq_novelty") == order.index("layer1_convnet") + 1
+        assert not list(m.model.func.uq_novelty.parameters())
     head = m.model.func.uq_head
-    scripted = torch.jit.script(head)
+    mods = [head] + ([m.model.func.uq_novelty] if kind == "e2ip" else [])
     data = _batch()
-    feats = torch.randn(data[AtomicDataDict.POSITIONS_KEY].shape[0], head.irreps_in[AtomicDataDict.NODE_FEATURES_KEY].dim)
-    types = data[AtomicDataDict.ATOM_TYPE_KEY]
-    ref = head({AtomicDataDict.NODE_FEATURES_KEY: feats, AtomicDataDict.ATOM_TYPE_KEY: types})
-    got = scripted({AtomicDataDict.NODE_FEATURES_KEY: feats, AtomicDataDict.ATOM_TYPE_KEY: types})
+    n = data[AtomicDataDict.POSITIONS_KEY].shape[0]
+    feats = torch.randn(n, head.irreps_in[AtomicDataDict.NODE_FEATURES_KEY].dim)
+    last = torch.randn(n, m.model.func.layer1_convnet.irreps_out[AtomicDataDict.NODE_FEATURES_KEY].dim)
+    outs = []
+    for run in (lambda mod: mod, torch.jit.script):
+        d = {AtomicDataDict.NODE_FEATURES_KEY: feats, AtomicDataDict.ATOM_TYPE_KEY: data[AtomicDataDict.ATOM_TYPE_KEY]}
+        d = run(head)(d)
+        d[AtomicDataDict.NODE_FEATURES_KEY] = last  # what the last convnet would write
+        for mod in mods[1:]:
+            d = run(mod)(d)
+        outs.append(d)
     keys = K.COVARIANCE_KEYS + [K.FORCES_UNCERTAINTY_KEY] + ([K.E2IP_NOVELTY_KEY] if kind == "e2ip" else [])
     for k in keys:
-        torch.testing.assert_close(ref[k], got[k])
+        torch.testing.assert_close(outs[0][k], outs[1][k])
+
+
+def test_checkpoint_layout_before_novelty_module_loads_unfitted():
+    """State dicts of the earlier layout (novelty buffers inside uq_head, or none) load strictly, unfitted."""
+    m = nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head={"num_channels": 4, "mlp_hidden": 8})
+    nov = m.model.func.uq_novelty.novelty
+    nov.novelty_ref.fill_(1.0)
+    old = {k.replace("uq_novelty.novelty.", "uq_head.novelty."): v for k, v in m.state_dict().items()}
+    old = {k: (v[:, :4] if k.endswith("uq_head.novelty.novelty_mean") else v) for k, v in old.items()}  # other D
+    with pytest.warns(UserWarning, match="unfitted"):
+        m.load_state_dict(old, strict=True)
+    assert not nov.is_fitted
 
 
 def test_default_force_rms_from_energy_scales():

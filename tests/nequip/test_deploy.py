@@ -229,8 +229,8 @@ def test_compiled_matches_eager(calcs, geometry, request):
 def test_novelty_fitted_by_nequip_train(artefacts):
     """``nequip-train`` with the shipped config (NoveltyFitCallback) leaves fitted novelty buffers in best.ckpt."""
     sd = torch.load(artefacts["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
-    refs = [v for k, v in sd.items() if k.endswith("uq_head.novelty.novelty_ref")]
-    whiten = [v for k, v in sd.items() if k.endswith("uq_head.novelty.novelty_whiten")]
+    refs = [v for k, v in sd.items() if k.endswith("uq_novelty.novelty.novelty_ref")]
+    whiten = [v for k, v in sd.items() if k.endswith("uq_novelty.novelty.novelty_whiten")]
     assert len(refs) == 1 and torch.all(refs[0] > 0), refs  # C, H, O all fitted
     assert torch.all(torch.diagonal(whiten[0], dim1=-2, dim2=-1) > 0)
 
