@@ -59,9 +59,11 @@ def run_model(ckpt: str, files: Dict[str, str], r_max: float, type_names: List[s
 
     set_global_state(allow_tf32=False)
     model = load_saved_model(ckpt).eval()
-    for mod in model.modules():  # the head's own κ: the candidates apply their factor themselves
-        if hasattr(mod, "novelty_enabled"):
-            mod.novelty_enabled = False
+    from e2ip_plugins.novelty import NoveltyEvidence
+
+    for mod in model.modules():  # the head's own κ (unfitted factor = 1): the candidates apply theirs
+        if isinstance(mod, NoveltyEvidence):
+            mod.novelty_ref.zero_()
     mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=type_names)
     convs = [(n, m) for n, m in model.named_modules() if n.endswith("_convnet")]
     head = [m for n, m in model.named_modules() if n.endswith("uq_head")][0]
@@ -72,7 +74,7 @@ def run_model(ckpt: str, files: Dict[str, str], r_max: float, type_names: List[s
             captured[name] = invariants(out[AtomicDataDict.NODE_FEATURES_KEY].detach().double(), irreps)
         return fn
 
-    for n, m in convs[:-1]:  # the last convnet is scalar-only and after the head
+    for n, m in convs:  # every convnet (2 layers: the novelty features of the model, head input + last output)
         m.register_forward_hook(hook(n, m.irreps_out[AtomicDataDict.NODE_FEATURES_KEY]))
     res = {}
     for key, path in files.items():
@@ -87,7 +89,7 @@ def run_model(ckpt: str, files: Dict[str, str], r_max: float, type_names: List[s
             data = AtomicDataDict.batched_from_list(batch)
             data = {k: (v.double() if torch.is_floating_point(v) else v) for k, v in data.items()}
             out = model(data)
-            feats.append(torch.cat([captured[n] for n, _ in convs[:-1]], dim=1))
+            feats.append(torch.cat([captured[n] for n, _ in convs], dim=1))
             for k in heads:
                 heads[k].append(out["e2ip_" + k].detach().double())
             ref = torch.as_tensor(np.concatenate([a.arrays["REF_forces"] for a in frames[i : i + 10]]))

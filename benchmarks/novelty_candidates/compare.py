@@ -46,10 +46,12 @@ def row(name, mult):
       " | cov " + " ".join(f"{m[k]['forces_coverage_90']:.3f}" for k in E) + " | nll " + " ".join(f"{m[k]['forces_nll']:.3f}" for k in E))
 row("head", None)
 PW=[int(x) for x in (sys.argv[3] if len(sys.argv)>3 else '1,2,3,4').split(',')]
-for q in (0.5, 0.9, 0.99):
+QS=[float(x) for x in (sys.argv[4] if len(sys.argv)>4 else '0.5,0.9,0.99').split(',')]
+REF = sys.argv[5] if len(sys.argv) > 5 else "val"  # set whose q-quantile is s_ref (the shipped fit: val)
+for q in QS:
     ref = {}
     for t in R["train"]["types"].unique():
-        ref[int(t)] = raw["train"][R["train"]["types"] == t].quantile(q)
+        ref[int(t)] = raw[REF][R[REF]["types"] == t].quantile(q)
     r = {}
     for k in raw:
         r[k] = torch.ones_like(raw[k])
