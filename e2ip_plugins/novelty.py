@@ -10,12 +10,13 @@ there is no training data. The evidence is therefore tied to a feature-space den
                  distance to the Gaussian of the n_z training atoms of species z;
                  δ_z = max(``jitter``, (D/n_z)⁶): a ridge that matters only for few atoms per feature)
     r_i          = s_i / s_ref,z        s_ref,z = q-quantile of s over the validation atoms of z
-    κ_i          = κ_head,i · max(1, r_i)^(−p)    ⇒   U_epi,i = U_ale,i / κ_i grows as r_i^p
-                                                   (u_i as r_i^{p/2}) beyond the reference
+    κ_i          = κ_head,i · max(1, min(r_i, r_cap))^(−p)   ⇒   U_epi,i = U_ale,i / κ_i grows as
+                   r_i^p (u_i as r_i^{p/2}) beyond the reference; r_cap = 100 bounds the factor at
+                   10^(−2p), so a float32 κ stays finite and positive
 
 Atoms inside the bulk of the validation scores (r ≤ 1) keep the head's evidence; the
-p-th power makes the epistemic level of atoms beyond it rise steeply (defaults q = 0.9,
-p = 4, chosen in docs/novelty.md). μ_z, W_z are fitted in one pass over the training atoms
+p-th power makes the epistemic level of atoms beyond it rise steeply (defaults q = 0.99,
+p = 10, chosen in docs/novelty.md). μ_z, W_z are fitted in one pass over the training atoms
 (sums and outer products), s_ref,z in one pass over the validation atoms; everything is a
 buffer, so checkpoints, packaged / compiled models and MACE ``.model`` files carry it.
 Until fitted (s_ref = 0) the factor is 1. The factor applies at evaluation only (the

@@ -7,6 +7,8 @@ NequIP convnet), runs the framework-agnostic head, and writes into the data dict
 - ``forces_covariance`` (U_tot), ``forces_covariance_epistemic``,
   ``forces_covariance_aleatoric`` (N, 3, 3) and ``forces_uncertainty`` (N,).
 
+With novelty-aware evidence (e²IP, default), :class:`E2IPNoveltyModule` after the last
+convnet applies the novelty factor to κ and writes the covariance keys instead.
 The covariances depend only on the head outputs, so they are produced here, in the
 same forward pass as the energy; the mean forces come from NequIP's
 ``ForceStressOutput``. Both modules are TorchScript-scriptable and
