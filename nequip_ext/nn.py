@@ -82,7 +82,7 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
                 K.E2IP_SIGMA0_INV_KEY: None,
                 K.E2IP_SIGMA0_LOGDET_KEY: None,
                 K.E2IP_NOVELTY_KEY: None,
-                K.E2IP_HEAD_INVARIANTS_KEY: None,
+                **({K.E2IP_HEAD_INVARIANTS_KEY: None} if self.novelty_enabled else {}),
             },
         )
         self.head = EvidentialHead(self.irreps_in[field], **head_kwargs)
