@@ -7,6 +7,7 @@ from .calibration import fit_covariance_scale
 from .covariance import SymmetricMatrixExp, soft_clamp, symmetric_basis
 from .eip import EIPHead, eip_loss, eip_nll, eip_predictive, eip_regularizer
 from .ensemble import ensemble_predictive, structure_uncertainty
+from .energy_noise import coherent_nll, committee_energy, energy_uncertainty_from_forces  # noqa: F401 (issue 15)
 from .head import EvidentialHead, check_head_irreps
 from .losses import check_finite, evidential_force_loss, evidential_predictive, evidential_regularizer
 from .metrics import UQMetricState, compute_metrics, uq_metrics
