@@ -18,6 +18,9 @@ into trust bands (DP-GEN's ``model_devi_f_trust_lo/hi``)::
     trust_lo <= m < trust_hi    candidate  (also appended to the candidates file, for labelling)
     m >= trust_hi               stop       (files flushed, summary written, TrustBandExceeded raised)
 
+The band statistic is computed from u and F rounded to 8 decimals (:func:`as_stored`), exactly the numbers
+the extxyz files hold, so the bands can be recomputed from the files bit for bit.
+
 ASE writes only the standard calculator keys to extxyz, so the monitor copies the uncertainty into the
 atoms themselves before writing: ``arrays['forces_uncertainty']`` (N,), ``arrays['forces_covariance']``
 (N, 9) row-major (``forces_covariance_epistemic`` too when the calculator gives it), and
@@ -66,6 +69,12 @@ def check_bands(trust_lo: float, trust_hi: float) -> None:
         raise MDConfigError(f"trust_lo must be a finite number >= 0, got {trust_lo}")
     if math.isnan(trust_hi) or not trust_lo < trust_hi:
         raise MDConfigError(f"trust_lo must be below trust_hi, got trust_lo={trust_lo} >= trust_hi={trust_hi}")
+
+
+def as_stored(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded as ASE's extxyz writer stores per-atom columns (``%16.8f``), read back as float."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.array([float(f"{v:.8f}") for v in x.reshape(-1)], dtype=np.float64).reshape(x.shape)
 
 
 def band_of(value: float, trust_lo: float, trust_hi: float) -> str:
@@ -156,11 +165,12 @@ class UncertaintyMonitor:
                 f"{type(calc).__name__} did not return {missing} (needs an e2ip model with covariance outputs)"
             )
         n = len(atoms)
-        u = np.asarray(res["forces_uncertainty"], dtype=np.float64).reshape(n)
-        forces = np.asarray(res.get("model_forces", res.get("forces")), dtype=np.float64).reshape(n, 3)
+        # bands are decided on the numbers as the extxyz files store them (8 decimals), so that they can be
+        # recomputed exactly from the files; 1e-8 eV/Å is far below any meaningful uncertainty
+        u = as_stored(np.asarray(res["forces_uncertainty"], dtype=np.float64).reshape(n))
+        forces = as_stored(np.asarray(res.get("model_forces", res.get("forces")), dtype=np.float64).reshape(n, 3))
         energy = res.get("model_energy", res.get("energy"))
-        u_max = float(res.get("forces_uncertainty_max", u.max()))
-        u_mean = float(res.get("forces_uncertainty_mean", u.mean()))
+        u_max, u_mean = float(u.max()), float(u.mean())  # = the calculator's forces_uncertainty_max/_mean to 1e-8
         stat = max_u_statistic(u, forces, self.relative, self.eps)
         value = float(stat.max())
         band = band_of(value, self.trust_lo, self.trust_hi)
@@ -244,6 +254,6 @@ class UncertaintyMonitor:
 
 
 __all__ = [
-    "ACCURATE", "BANDS", "CANDIDATE", "DEFAULT_EPS", "STOP", "TrustBandExceeded", "UncertaintyMonitor", "band_of",
+    "ACCURATE", "BANDS", "CANDIDATE", "DEFAULT_EPS", "STOP", "TrustBandExceeded", "UncertaintyMonitor", "as_stored", "band_of",
     "check_bands", "max_u_statistic",
 ]
