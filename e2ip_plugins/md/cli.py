@@ -101,7 +101,15 @@ def _open(args, atoms):
     adapter = find_adapter(args.model)  # unknown file type → MDConfigError before anything is imported
     if not Path(args.model).exists():
         raise MDConfigError(f"--model {args.model}: no such file")
-    calc = adapter.open(args.model, device=args.device)
+    try:
+        calc = adapter.open(args.model, device=args.device)
+    except MDConfigError:
+        raise
+    except Exception as err:  # a corrupt or foreign file: say which adapter failed on it, write nothing
+        raise MDConfigError(
+            f"the {getattr(adapter, 'name', type(adapter).__name__)} adapter cannot open --model {args.model}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
     if args.udd is not None:
         calc = UDDCalculator(calc, args.udd[0], args.udd[1], damping=args.udd_damping,
                              variance_fn=adapter.variance_function(calc))
