@@ -244,8 +244,17 @@ def accuracy(y, mean) -> Dict[str, float]:
     return {"forces_mae": float(r.abs().mean()), "forces_rmse": float(r.pow(2).mean().sqrt())}
 
 
-def score_method(preds, ood_sets: List[str], id_set: str = "test"):
-    """Metrics per set before and after the val-fitted global recalibration; also the columns."""
+def frame_index(sets) -> Dict[str, Any]:
+    """{set: (N_atoms,) structure index of each atom}, for the frame-level metrics."""
+    import torch
+
+    return {name: torch.repeat_interleave(torch.arange(len(frames)), torch.tensor([len(a) for a in frames]))
+            for name, frames in sets.items()}
+
+
+def score_method(preds, ood_sets: List[str], id_set: str = "test", frames: Optional[Dict[str, Any]] = None):
+    """Metrics per set before and after the val-fitted global recalibration; also the columns.
+    ``frames``: {set: structure index per atom} for the frame-level metrics."""
     from e2ip_plugins.calibration import fit_covariance_scale
     from e2ip_plugins.metrics import UQMetricState
 
@@ -264,8 +273,9 @@ def score_method(preds, ood_sets: List[str], id_set: str = "test"):
             entry["recal"] = dict(entry["raw"])
             cols[name] = {"raw": None, "recal": None}
         else:
-            st_raw = UQMetricState().update(pred, y)
-            st_cal = UQMetricState().update(pred.scaled(scale), y)
+            fr = (frames or {}).get(name)
+            st_raw = UQMetricState().update(pred, y, frame=fr)
+            st_cal = UQMetricState().update(pred.scaled(scale), y, frame=fr)
             entry["raw"], entry["recal"] = st_raw.compute(), st_cal.compute()
             cols[name] = {"raw": st_raw.columns(), "recal": st_cal.columns()}
         res["sets"][name] = entry
@@ -322,7 +332,7 @@ def evaluate_tag(backend, runs, tag, prof, settings, sets, manifest, bdir: Path,
         if method == "ensemble":
             variants["ensemble_iso"] = {s: (y, mean, isotropic(pred)) for s, (y, mean, pred) in preds.items()}
         for name, vpreds in variants.items():
-            res, cols = score_method(vpreds, manifest["ood_sets"])
+            res, cols = score_method(vpreds, manifest["ood_sets"], frames=frame_index(sets))
             res["runs"] = [r["name"] for r in mruns]
             res["eval_s"] = time.perf_counter() - t0
             results[name] = res

@@ -7,7 +7,9 @@ optionally plus a mean-variance (MVE) aleatoric covariance averaged over members
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
+
+import numpy as np
 
 import torch
 
@@ -39,3 +41,15 @@ def structure_uncertainty(u: torch.Tensor, batch: torch.Tensor, num_structures: 
     count = zeros.index_add(0, batch, torch.ones_like(u))
     umax = zeros.scatter_reduce(0, batch, u, reduce="amax", include_self=False)
     return total / count.clamp(min=1), umax
+
+
+#: per-structure keys of the calculators' results (DESIGN §3)
+STRUCTURE_KEYS = ("forces_uncertainty_max", "forces_uncertainty_mean")
+
+
+def structure_uncertainty_results(u) -> Dict[str, float]:
+    """``{forces_uncertainty_max, forces_uncertainty_mean}`` of one structure's u_i (eV/Å)."""
+    u = np.asarray(u, dtype=float).reshape(-1)
+    if len(u) == 0:
+        return {STRUCTURE_KEYS[0]: 0.0, STRUCTURE_KEYS[1]: 0.0}
+    return {STRUCTURE_KEYS[0]: float(u.max()), STRUCTURE_KEYS[1]: float(u.mean())}

@@ -13,7 +13,11 @@ is concatenation and gives exactly the one-shot value:
     forces_coverage_p = mean[pit ≤ p]      forces_miscal_area = ∫₀¹ |F̂_pit(p) − p| dp (exact)
     forces_ence = mean_b |RMV_b − RMSE_b| / RMV_b over 10 equal-count bins of sigma,
                   RMV_b = sqrt(mean sigma²), RMSE_b = sqrt(mean e²/3)
-    forces_sharpness = mean u
+    forces_sharpness = mean u               median_u = median u
+    rmv_rmse = sqrt(mean sigma²) / forces_rmse          (predicted error level over the actual one)
+    u_tail = P99.9(u) / P99.9(e/√3)                      (absurd magnitudes show as ≫ 1)
+    frame_spearman, frame_auroc: per structure (optional column ``frame``: structure index of
+        each atom), ρ_S(max u, max e) and ROC-AUC of max u for max e above the 90th percentile
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from scipy import stats
 from .predictive import atom_uncertainty
 
 COLUMNS = ("err_abs", "err_sq", "e", "u", "sigma", "nll", "pit")
+FRAME = "frame"  # optional column: structure index of each atom (frame-level metrics)
+TAIL_PERCENTILE = 99.9
 AUROC_PERCENTILE = 90.0
 ENCE_BINS = 10
 
@@ -50,23 +56,32 @@ class UQMetricState:
     """Accumulates per-atom columns; ``merge`` concatenates; ``compute`` gives the metric dict."""
 
     def __init__(self):
-        self.parts: Dict[str, list] = {c: [] for c in COLUMNS}
+        self.parts: Dict[str, list] = {c: [] for c in COLUMNS + (FRAME,)}
 
-    def update(self, pred, y: torch.Tensor) -> "UQMetricState":
-        return self.update_columns(atom_columns(pred, y))
+    def update(self, pred, y: torch.Tensor, frame: Optional[torch.Tensor] = None) -> "UQMetricState":
+        """``frame`` (N,): structure index of each atom, unique over the whole state (frame-level metrics)."""
+        cols = atom_columns(pred, y)
+        if frame is not None:
+            cols[FRAME] = torch.as_tensor(frame)
+        return self.update_columns(cols)
 
     def update_columns(self, cols: Dict[str, torch.Tensor]) -> "UQMetricState":
         for c in COLUMNS:
             self.parts[c].append(cols[c].detach().to("cpu", torch.float64).reshape(-1))
+        if FRAME in cols:
+            self.parts[FRAME].append(torch.as_tensor(cols[FRAME]).detach().to("cpu", torch.float64).reshape(-1))
         return self
 
     def merge(self, other: "UQMetricState") -> "UQMetricState":
-        for c in COLUMNS:
+        for c in COLUMNS + (FRAME,):
             self.parts[c].extend(other.parts[c])
         return self
 
     def columns(self) -> Dict[str, np.ndarray]:
-        return {c: (torch.cat(v).numpy() if v else np.zeros(0)) for c, v in self.parts.items()}
+        cols = {c: (torch.cat(v).numpy() if v else np.zeros(0)) for c, v in self.parts.items()}
+        if len(cols[FRAME]) != len(cols["e"]):  # frame indices missing for some atoms: no frame metrics
+            del cols[FRAME]
+        return cols
 
     def compute(self) -> Dict[str, float]:
         return compute_metrics(self.columns())
@@ -130,7 +145,27 @@ def compute_metrics(cols: Dict[str, np.ndarray], coverages: Iterable[int] = (50,
     out["forces_miscal_area"] = miscalibration_area(cols["pit"])
     out["forces_ence"] = ence(cols["sigma"], e)
     out["forces_sharpness"] = float(np.mean(u))
+    out["median_u"] = float(np.median(u))
+    out["rmv_rmse"] = float(np.sqrt(np.mean(cols["sigma"] ** 2))) / out["forces_rmse"] if out["forces_rmse"] > 0 else float("nan")
+    tail_e = np.percentile(e / np.sqrt(3.0), TAIL_PERCENTILE)
+    out["u_tail"] = float(np.percentile(u, TAIL_PERCENTILE) / tail_e) if tail_e > 0 else float("nan")
+    if FRAME in cols and len(cols[FRAME]) == n:
+        out.update(frame_metrics(cols[FRAME], u, e))
     return out
+
+
+def frame_metrics(frame: np.ndarray, u: np.ndarray, e: np.ndarray) -> Dict[str, float]:
+    """Per-structure max u against max e: Spearman ρ and ROC-AUC for max e above its 90th percentile."""
+    _, idx = np.unique(frame, return_inverse=True)
+    k = int(idx.max()) + 1
+    umax = np.full(k, -np.inf)
+    emax = np.full(k, -np.inf)
+    np.maximum.at(umax, idx, u)
+    np.maximum.at(emax, idx, e)
+    return {
+        "frame_spearman": float(stats.spearmanr(umax, emax).statistic) if k > 2 else float("nan"),
+        "frame_auroc": auroc(umax, emax > np.percentile(emax, AUROC_PERCENTILE)),
+    }
 
 
 def uq_metrics(pred, y: torch.Tensor, state: Optional[UQMetricState] = None) -> Dict[str, float]:

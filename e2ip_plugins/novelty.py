@@ -1,8 +1,8 @@
-"""Novelty-aware evidence: U_epi rises on atoms far from the training features (issue 6).
+"""Novelty-aware, calibrated epistemic level (issues 6 and 12).
 
 The head's own κ cannot learn novelty: for κ ≪ 1 the NIW predictive depends on Σ₀/κ only,
 so the NLL never separates U_epi from U_ale, and nothing in training lowers evidence where
-there is no training data. The evidence is therefore tied to a feature-space density:
+there is no training data. The evidence is therefore tied to a feature-space distance:
 
     h_i          invariant features of atom i (scalars and per-channel norms ‖x_c‖ of l > 0
                  channels, of every layer the adapter passes in)
@@ -10,18 +10,26 @@ there is no training data. The evidence is therefore tied to a feature-space den
                  distance to the Gaussian of the n_z training atoms of species z;
                  δ_z = max(``jitter``, (D/n_z)⁶): a ridge that matters only for few atoms per feature)
     r_i          = s_i / s_ref,z        s_ref,z = q-quantile of s over the validation atoms of z
-    κ_i          = κ_head,i · max(1, min(r_i, r_cap))^(−p)   ⇒   U_epi,i = U_ale,i / κ_i grows as
-                   r_i^p (u_i as r_i^{p/2}) beyond the reference; r_cap = 100 bounds the factor at
-                   10^(−2p), so a float32 κ stays finite and positive
 
-Atoms inside the bulk of the validation scores (r ≤ 1) keep the head's evidence; the
-p-th power makes the epistemic level of atoms beyond it rise steeply (defaults q = 0.99,
-p = 10, chosen in docs/novelty.md). μ_z, W_z are fitted in one pass over the training atoms
-(sums and outer products), s_ref,z in one pass over the validation atoms; everything is a
-buffer, so checkpoints, packaged / compiled models and MACE ``.model`` files carry it.
-Until fitted (s_ref = 0) the factor is 1. The factor applies at evaluation only (the
-adapters pass ``training``: NequIP's module mode, MACE's ``training`` argument), so training
-(the head's NLL) is unchanged.
+Evidence maps (``mode``), with r̄_i = min(r_i, r_cap), r_cap = 100:
+
+    linear (default, LLPR-style):  1/κ_i = 1/κ_head,i + β·r̄_i
+        ⇒ U_epi,i = U_ale,i·(1/κ_head,i + β·r̄_i): an epistemic variance linear in the
+          feature-space distance, shaped by the head's Σ₀ (Bigi et al. 2024 use the same
+          linear form with the last-layer features' covariance as the metric).
+    power (issue 6, kept for comparison):  κ_i = κ_head,i·max(1, r̄_i)^(−p)
+
+and one global covariance factor c: Σ₀ → c·Σ₀ (all three covariances × c). c and β are
+stored in the buffer ``novelty_calib`` = [c, β] and fitted by :func:`e2ip_plugins.level.fit_level`
+on the validation split (NLL); unfitted they are [1, 0]. Bound (linear): u_i² ≤
+c·tr U_ale,i/3·(1/κ_head,i + β·r_cap), so no atom's level exceeds the head's by more than
+the factor sqrt(1 + β·κ_head·r_cap).
+
+μ_z, W_z are fitted in one pass over the training atoms (sums and outer products), s_ref,z in
+one pass over the validation atoms; everything is a buffer, so checkpoints, packaged /
+compiled models and MACE ``.model`` files carry it. Until fitted (s_ref = 0) r = 0. The
+map and c apply at evaluation only (the adapters pass ``training``: NequIP's module mode,
+MACE's ``training`` argument), so training (the head's NLL) is unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 
 from ._e3nn import o3
+
+MODES = ("linear", "power")
 
 
 class InvariantFeatures(torch.nn.Module):
@@ -66,19 +76,24 @@ class InvariantFeatures(torch.nn.Module):
 
 
 class NoveltyEvidence(torch.nn.Module):
-    """Per-species Gaussian novelty score and the evidence factor max(1, s/s_ref)^(−p) (module docstring).
+    """Per-species Gaussian novelty score, evidence map and stored calibration [c, β] (module docstring).
 
     Args:
         num_features: D, length of the invariant feature vector
         num_species: number of species indices (0 … S−1)
-        power: p (default 10)
+        mode: ``linear`` (default: 1/κ ← 1/κ + β·r) or ``power`` (κ ← κ·max(1, r)^(−p))
+        power: p of the ``power`` mode (default 10)
         quantile: q of the reference score on the validation split (default 0.99)
         jitter: δ, relative ridge added to each species covariance (default 1e-6)
     """
 
-    def __init__(self, num_features: int, num_species: int, power: float = 10.0, quantile: float = 0.99,
-                 jitter: float = 1e-6):
+    def __init__(self, num_features: int, num_species: int, mode: str = "linear", power: float = 10.0,
+                 quantile: float = 0.99, jitter: float = 1e-6):
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"novelty mode must be one of {MODES}, got {mode!r}")
+        self.mode = str(mode)
+        self.linear = mode == "linear"
         if power < 0:
             raise ValueError(f"novelty power must be >= 0, got {power}")
         if not 0.0 < quantile < 1.0:
@@ -93,6 +108,7 @@ class NoveltyEvidence(torch.nn.Module):
         self.register_buffer("novelty_mean", torch.zeros(s, d))
         self.register_buffer("novelty_whiten", torch.zeros(s, d, d))
         self.register_buffer("novelty_ref", torch.zeros(s))
+        self.register_buffer("novelty_calib", torch.tensor([1.0, 0.0]))  # [c, β], fitted by e2ip_plugins.level
 
     def score(self, feats: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """s_i (N,): squared Mahalanobis distance to the training Gaussian of the atom's species."""
@@ -111,18 +127,30 @@ class NoveltyEvidence(torch.nn.Module):
         return torch.where(fitted, self.score(feats, species) / torch.where(fitted, ref, torch.ones_like(ref)),
                            torch.zeros_like(ref))
 
-    def forward(self, feats: torch.Tensor, species: torch.Tensor, training: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(r (N,), evidence factor (N,)); with ``training`` (0, 1): the head trains unchanged."""
+    def forward(self, feats: torch.Tensor, species: torch.Tensor, kappa: torch.Tensor,
+                training: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(r (N,), effective κ (N,), covariance factor c (0-dim)); with ``training`` (0, κ, 1)."""
         if training:
-            ones = feats.new_ones(feats.shape[0])
-            return ones * 0.0, ones
+            return kappa * 0.0, kappa, kappa.new_ones(())
         r = self.ratio(feats, species)
-        return r, r.clamp(min=1.0, max=self.ratio_cap).pow(-self.power)
+        rc = r.clamp(max=self.ratio_cap)
+        calib = self.novelty_calib.to(kappa.dtype)
+        if self.linear:
+            kappa_eff = kappa / (1.0 + calib[1] * kappa * rc)
+        else:
+            kappa_eff = kappa * rc.clamp(min=1.0).pow(-self.power)
+        return r, kappa_eff, calib[0]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # a checkpoint written before the novelty buffers existed, or with another feature layout, loads as
         # unfitted (factor 1) instead of failing: refit it with the fit command of the adapter
+        if prefix + "novelty_calib" not in state_dict:  # written before the stored calibration existed
+            import warnings
+
+            warnings.warn(f"{prefix}novelty_calib missing from the state dict: the model loads uncalibrated "
+                          "(c = 1, β = 0); fit it with nequip_fit_novelty_e2ip / mace_fit_novelty_e2ip")
+            state_dict[prefix + "novelty_calib"] = torch.tensor([1.0, 0.0]).to(self.novelty_calib)
         names = ("novelty_mean", "novelty_whiten", "novelty_ref")
         stale = [n for n in names if prefix + n not in state_dict or state_dict[prefix + n].shape != getattr(self, n).shape]
         if stale:
@@ -201,6 +229,7 @@ class NoveltyFitter:
         m.novelty_mean.copy_(mean.to(m.novelty_mean))
         m.novelty_whiten.copy_(whiten.to(m.novelty_whiten))
         m.novelty_ref.zero_()
+        m.novelty_calib.copy_(torch.tensor([1.0, 0.0]).to(m.novelty_calib))  # refit with e2ip_plugins.level
 
     @torch.no_grad()
     def add_val(self, feats: torch.Tensor, species: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ or several ``model_paths``, ``device``, ``default_dtype``, ...) that also fills
 ``forces_covariance_epistemic``    (N,3,3)    U_epi
 ``forces_covariance_aleatoric``    (N,3,3)    U_ale
 ``forces_uncertainty``             (N,)       u_i = sqrt(tr U_epi / 3), eV/Å
+``forces_uncertainty_max/_mean``   ()         max and mean of u_i over the structure (DESIGN §2.5)
 ``forces_covariance_committee``    (N,3,3)    committees only: 3×3 sample covariance of the members'
                                               forces, 1/(K−1) Σ_k (F_k − F̄)(F_k − F̄)ᵀ
 =================================  =========  =====================================================
@@ -36,6 +37,7 @@ from ase.calculators.calculator import all_changes
 
 import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)
 from e2ip_plugins import ensemble_predictive
+from e2ip_plugins.ensemble import STRUCTURE_KEYS, structure_uncertainty_results
 from e2ip_plugins.predictive import atom_uncertainty
 from mace.calculators.mace import MACECalculator
 
@@ -63,7 +65,7 @@ class E2IPMACECalculator(MACECalculator):
                 "E2IPMACECalculator needs a model trained with mace_run_train_e2ip (it has no e2ip head) "
                 "or a committee of >= 2 models"
             )
-        extra = list(COVARIANCE_KEYS)
+        extra = list(COVARIANCE_KEYS) + list(STRUCTURE_KEYS)
         if self.num_models > 1:
             extra.append(COMMITTEE_KEY)
         # instance copy: MACECalculator extends ASE's class-level list in place
@@ -120,7 +122,9 @@ class E2IPMACECalculator(MACECalculator):
         for key, value in cov.items():
             self.results[key] = (value * conv2).cpu().numpy()
         if "forces_covariance_epistemic" in cov:
-            self.results["forces_uncertainty"] = (atom_uncertainty(cov["forces_covariance_epistemic"]) * conv_f).cpu().numpy()
+            u = (atom_uncertainty(cov["forces_covariance_epistemic"]) * conv_f).cpu().numpy()
+            self.results["forces_uncertainty"] = u
+            self.results.update(structure_uncertainty_results(u))
 
     def predictive(self):
         """Exact per-atom predictive of the last calculation (one model only), in eV/Å.
@@ -143,4 +147,4 @@ class E2IPMACECalculator(MACECalculator):
         return dataclasses.replace(pred.scaled(conv_f**2), mean=pred.mean * conv_f)
 
 
-__all__ = ["COMMITTEE_KEY", "E2IPMACECalculator"]
+__all__ = ["COMMITTEE_KEY", "STRUCTURE_KEYS", "E2IPMACECalculator"]

@@ -84,7 +84,7 @@ from .model import HEAD_TYPES, E2IPConfigError, attach_e2ip_head, fit_novelty
 DEFAULTS = dict(
     e2ip_head="e2ip", e2ip_weight=1.0, e2ip_reg=0.1, e2ip_detach_mean=False, e2ip_residual_metric="euclidean",
     e2ip_channels=16, e2ip_mlp=32, e2ip_quantile=0.5, e2ip_force_rms=None,
-    e2ip_novelty=True, e2ip_novelty_power=10.0, e2ip_novelty_quantile=0.99,
+    e2ip_novelty=True, e2ip_novelty_mode="linear", e2ip_novelty_power=10.0, e2ip_novelty_quantile=0.99,
 )
 
 UQ_LOG_KEYS = (
@@ -158,11 +158,15 @@ def add_e2ip_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--e2ip_force_rms", type=float, default=DEFAULTS["e2ip_force_rms"],
                        help="force scale sigma_F in eV/A (default: RMS of the training forces)")
     group.add_argument("--e2ip_novelty", type=_str2bool, nargs="?", const=True, default=DEFAULTS["e2ip_novelty"],
-                       help="novelty-aware evidence (e2ip head): kappa <- kappa * max(1, s/s_ref)^-p, s the per-element "
-                            "Mahalanobis distance of the node-feature invariants to the training atoms; fitted on "
-                            "the train/valid sets when the final checkpoints are loaded, before the .model files are saved")
+                       help="novelty-aware, calibrated epistemic level (e2ip head): 1/kappa <- 1/kappa + beta*s/s_ref "
+                            "and Sigma0 <- c*Sigma0, s the per-element Mahalanobis distance of the node-feature "
+                            "invariants to the training atoms; s_ref, beta and c are fitted on the train/valid sets "
+                            "when the final checkpoints are loaded, before the .model files are saved")
+    group.add_argument("--e2ip_novelty_mode", choices=("linear", "power"), default=DEFAULTS["e2ip_novelty_mode"],
+                       help="evidence map: linear (default, U_epi linear in s/s_ref) or power (issue 6: "
+                            "kappa * max(1, s/s_ref)^-p)")
     group.add_argument("--e2ip_novelty_power", type=float, default=DEFAULTS["e2ip_novelty_power"],
-                       help="p of the novelty factor (U_epi grows as (s/s_ref)^p beyond the reference)")
+                       help="p of the power map (U_epi grows as (s/s_ref)^p beyond the reference)")
     group.add_argument("--e2ip_novelty_quantile", type=float, default=DEFAULTS["e2ip_novelty_quantile"],
                        help="s_ref = this quantile of s over the validation atoms of each element")
     return parser
@@ -312,7 +316,7 @@ class E2IPRun:
             model = attach_e2ip_head(
                 model, head=a.e2ip_head, force_rms=self.sigma_f, num_channels=a.e2ip_channels,
                 mlp_hidden=a.e2ip_mlp, quantile=a.e2ip_quantile,
-                novelty={"enabled": a.e2ip_novelty, "power": a.e2ip_novelty_power,
+                novelty={"enabled": a.e2ip_novelty, "mode": a.e2ip_novelty_mode, "power": a.e2ip_novelty_power,
                          "quantile": a.e2ip_novelty_quantile},
             )
             self.model = model

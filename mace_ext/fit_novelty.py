@@ -1,11 +1,13 @@
-"""``mace_fit_novelty_e2ip``: fit the novelty-aware evidence of an existing E2IP MACE model.
+"""``mace_fit_novelty_e2ip``: fit the novelty evidence and the stored calibration of an E2IP MACE model.
 
     mace_fit_novelty_e2ip --model run/iso7_e2ip.model --train_file train.xyz --valid_file val.xyz \\
-        --output iso7_e2ip_novelty.model
+        --forces_key REF_forces --output iso7_e2ip_fitted.model
 
 One pass over the training structures (per-element feature moments), one over the
-validation structures (reference quantile), as ``mace_run_train_e2ip`` does after training;
-writes the ``.model`` and, like MACE's run, a TorchScript ``<output>_compiled.model``.
+validation structures (reference quantile), one full forward over the validation structures
+with their reference forces (``--forces_key``) for the stored calibration [c, β]
+(:mod:`e2ip_plugins.level`), as ``mace_run_train_e2ip`` does after training; writes the
+``.model`` and, like MACE's run, a TorchScript ``<output>_compiled.model``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ from typing import List, Optional
 import torch
 
 
-def _loader(path: str, model, batch_size: int):
+def _loader(path: str, model, batch_size: int, forces_key: str = "REF_forces"):
     import ase.io
     from mace import data
     from mace.tools import torch_geometric, utils
 
     z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
-    configs = [data.config_from_atoms(a) for a in ase.io.read(path, ":")]  # features only: no labels needed
+    keys = data.KeySpecification(info_keys={}, arrays_keys={"forces": forces_key})
+    frames = ase.io.read(path, ":")
+    missing = [i for i, a in enumerate(frames) if forces_key not in a.arrays]
+    if missing:
+        raise SystemExit(f"{path}: frames {missing[:5]} lack the reference forces '{forces_key}' (--forces_key)")
+    configs = [data.config_from_atoms(a, key_specification=keys) for a in frames]
     items = [data.AtomicData.from_config(c, z_table=z_table, cutoff=float(model.r_max)) for c in configs]
     return torch_geometric.dataloader.DataLoader(items, batch_size=batch_size, shuffle=False)
 
@@ -40,21 +47,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--train_file", required=True, help="extxyz training structures")
     ap.add_argument("--valid_file", default=None, help="extxyz validation structures (reference quantile)")
     ap.add_argument("--output", default=None, help="output .model (default: overwrite --model)")
+    ap.add_argument("--forces_key", default="REF_forces", help="reference forces array of the extxyz files")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = torch.load(args.model, map_location=args.device, weights_only=False)
+    torch.set_default_dtype(next(model.parameters()).dtype)  # MACE's AtomicData uses the default dtype
     if not isinstance(model, E2IPMixin) or not model.e2ip_novelty_enabled:
         raise SystemExit(f"{args.model}: not an E2IP model with the e2ip head and novelty enabled")
-    train = _loader(args.train_file, model, args.batch_size)
-    valid = [_loader(args.valid_file, model, args.batch_size)] if args.valid_file else []
+    train = _loader(args.train_file, model, args.batch_size, args.forces_key)
+    valid = [_loader(args.valid_file, model, args.batch_size, args.forces_key)] if args.valid_file else []
     fit_novelty(model, train, valid, device=torch.device(args.device))
     out = Path(args.output or args.model)
     torch.save(model, out)
     compiled = out.with_name(out.stem + "_compiled.model")
     torch.jit.save(jit.compile(deepcopy(model)), compiled)
-    print(f"novelty fitted: s_ref per element {model.e2ip_novelty.novelty_ref.tolist()}; wrote {out} and {compiled}")
+    print(f"novelty fitted: s_ref per element {model.e2ip_novelty.novelty_ref.tolist()}; stored calibration "
+          f"[c, beta] = {model.e2ip_novelty.novelty_calib.tolist()}; wrote {out} and {compiled}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from e2ip_plugins import (
 )
 from e2ip_plugins._e3nn import o3
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
+from e2ip_plugins.level import fit_stored_level, scale_sigma0
 from e2ip_plugins import novelty as core_novelty
 from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
 from mace.modules.models import MACE, ScaleShiftMACE
@@ -198,11 +199,13 @@ class E2IPMixin:
         if self.e2ip_head_type == "e2ip":
             kappa = head_out["kappa"]
             if self.e2ip_novelty_enabled:
-                ratio, factor = self.e2ip_novelty(
-                    self.e2ip_invariants(node_feats), torch.argmax(data["node_attrs"], dim=-1), training
+                ratio, kappa, calib = self.e2ip_novelty(
+                    self.e2ip_invariants(node_feats), torch.argmax(data["node_attrs"], dim=-1), kappa, training
                 )
-                kappa = kappa * factor
                 out["e2ip_novelty"] = ratio
+                head_out["sigma0"], head_out["sigma0_inv"], head_out["sigma0_logdet"] = scale_sigma0(
+                    head_out["sigma0"], head_out["sigma0_inv"], head_out["sigma0_logdet"], calib
+                )
             head_out["kappa"] = kappa
             out["e2ip_nu"] = head_out["nu"]
             out["e2ip_kappa"] = kappa
@@ -332,11 +335,15 @@ def attach_e2ip_head(
     return model
 
 
-@torch.no_grad()
 def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device=None) -> bool:
-    """Fit the novelty buffers of an E2IP model in place: one pass over ``train_loader`` (moments),
-    one over the validation loaders (reference quantile). Runs on every rank under DDP (the
-    moments are summed over ranks). Returns False if the model has no novelty-enabled head."""
+    """Fit the novelty buffers and the stored calibration [c, β] of an E2IP model in place.
+
+    One pass over ``train_loader`` (feature moments), one over the validation loaders (reference
+    quantile), then one full forward over the validation loaders (reference forces ``forces`` of
+    MACE's batches) to fit [c, β] by NLL (:func:`e2ip_plugins.level.fit_stored_level`). Runs on every
+    rank under DDP (moments summed, validation columns gathered). Returns False if the model has no
+    novelty-enabled head.
+    """
     if not isinstance(model, E2IPMixin) or not model.e2ip_novelty_enabled:
         return False
     ref = next(model.parameters())
@@ -345,21 +352,42 @@ def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device
     model.eval()
 
     def features(loaders):
-        for loader in loaders:
-            for batch in loader:
-                data = batch.to(device).to_dict()
-                out = model._e2ip_backbone_forward(data, False, False, False, False, False, False, False, False, False)
-                yield model.e2ip_invariants(out["node_feats"]), torch.argmax(data["node_attrs"], dim=-1)
+        with torch.no_grad():
+            for loader in loaders:
+                for batch in loader:
+                    data = batch.to(device).to_dict()
+                    out = model._e2ip_backbone_forward(data, False, False, False, False, False, False, False, False, False)
+                    yield model.e2ip_invariants(out["node_feats"]), torch.argmax(data["node_attrs"], dim=-1)
 
     core_novelty.fit_novelty(
         model.e2ip_novelty, features([train_loader]), features(valid_loaders) if valid_loaders else None
     )
-    model.train(was_training)
     logging.info(
         "e2ip: novelty fitted on the training and validation sets; reference s_ref per element = %s",
         [round(float(v), 3) for v in model.e2ip_novelty.novelty_ref],
     )
+    if valid_loaders:
+        res = fit_stored_level(model.e2ip_novelty, level_columns(model, valid_loaders, device))
+        logging.info("e2ip: stored calibration fitted on %d validation atoms: c = %.4g, beta = %.4g "
+                     "(val NLL %.4f, head alone %.4f)", int(res["atoms"]), res["c"], res["beta"], res["nll"],
+                     res["nll_head"])
+    else:
+        logging.warning("e2ip: no validation data: the stored calibration stays at c = 1, beta = 0")
+    model.train(was_training)
     return True
+
+
+def level_columns(model: torch.nn.Module, loaders, device):
+    """Yield the per-atom validation columns of :func:`e2ip_plugins.level.fit_stored_level` (full forward)."""
+    for loader in loaders:
+        for batch in loader:
+            data = batch.to(device).to_dict()
+            out = model(data, training=False, compute_force=True)
+            yield {
+                "nu": out["e2ip_nu"], "kappa": out["e2ip_kappa"], "sigma0_inv": out["e2ip_sigma0_inv"],
+                "sigma0_logdet": out["e2ip_sigma0_logdet"], "residual": data["forces"] - out["forces"],
+                "ratio": out["e2ip_novelty"], "sigma0": out["e2ip_sigma0"], "frame": data["batch"],
+            }
 
 
 __all__ = [

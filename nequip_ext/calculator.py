@@ -10,6 +10,7 @@ key                                       shape       meaning
 ``forces_covariance_epistemic``           (N, 3, 3)   U_epi (eV/Å)²
 ``forces_covariance_aleatoric``           (N, 3, 3)   U_ale (eV/Å)²
 ``forces_uncertainty``                    (N,)        u = sqrt(tr U_epi / 3) (eV/Å)
+``forces_uncertainty_max``, ``_mean``      ()          max and mean of u over the structure (DESIGN §2.5)
 ========================================  ==========  ==========================================
 
 all listed in ``implemented_properties`` (so ``atoms.calc.get_property("forces_covariance")`` works).
@@ -34,6 +35,8 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.integrations.ase import NequIPCalculator
 
+from e2ip_plugins.ensemble import STRUCTURE_KEYS, structure_uncertainty_results
+
 from . import _keys as K
 from .compile import E2IP_ASE_TARGET, E2IP_EXTRA_OUTPUTS, e2ip_ase_target
 
@@ -51,7 +54,8 @@ class E2IPNequIPCalculator(NequIPCalculator):
     Covariances scale with ``energy_units_to_eV / length_units_to_A`` squared, like forces squared.
     """
 
-    implemented_properties = list(NequIPCalculator.implemented_properties) + list(E2IP_EXTRA_OUTPUTS) + [K.E2IP_NOVELTY_KEY]
+    implemented_properties = (list(NequIPCalculator.implemented_properties) + list(E2IP_EXTRA_OUTPUTS)
+                              + [K.E2IP_NOVELTY_KEY] + list(STRUCTURE_KEYS))
 
     @classmethod
     def _get_aoti_compile_target(cls) -> Dict:
@@ -103,6 +107,7 @@ class E2IPNequIPCalculator(NequIPCalculator):
             self.results[k] = force_unit**2 * out[k].detach().cpu().numpy().reshape(-1, 3, 3)
         u = out[K.FORCES_UNCERTAINTY_KEY].detach().cpu().numpy().reshape(-1)
         self.results[K.FORCES_UNCERTAINTY_KEY] = force_unit * u
+        self.results.update(structure_uncertainty_results(force_unit * u))
         if K.E2IP_NOVELTY_KEY in out:  # eager models: novelty ratio s/s_ref per atom (e2ip_plugins.novelty)
             self.results[K.E2IP_NOVELTY_KEY] = out[K.E2IP_NOVELTY_KEY].detach().cpu().numpy().reshape(-1)
         # raw evidence (eager models only: the e2ip_ase target returns the covariances, not the evidence)

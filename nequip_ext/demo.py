@@ -5,11 +5,13 @@
    (the :class:`nequip_ext.UQPlotsCallback` writes its test-time plots into ``<out>/run/uq_plots``);
 2. loads ``best.ckpt`` with NequIP's own loader (:func:`nequip.model.saved_models.load_saved_model`,
    eager mode, EMA weights) and the data pipeline stored in the checkpoint;
-3. evaluates the E2IP head on val and on the three test sets, fits one covariance scale
-   (:func:`e2ip_plugins.fit_covariance_scale`) on **val only**, and prints force MAE/RMSE, NLL,
-   mean u (and its ratio to the in-distribution value), Spearman, AUROC and coverage 50/90 for
-   each test set, raw and recalibrated; writes the table (``uq_table.txt``, ``uq_metrics.json``)
-   and reliability / error-vs-uncertainty / ROC plots (PNG) into ``--out``.
+3. evaluates the model as deployed (its covariances carry the calibration [c, β] that nequip-train
+   fitted on val and stored) on val and on the three test sets, and with one further covariance scale
+   (:func:`e2ip_plugins.fit_covariance_scale`, **val only**; ≈ 1 when the stored calibration holds);
+   prints force MAE/RMSE, NLL, mean / median u (and the ratio to the in-distribution value),
+   Spearman, AUROC, coverage 90, RMV/RMSE, ENCE, u-tail and the frame-level Spearman / AUROC of
+   max u; writes the table (``uq_table.txt``, ``uq_metrics.json``) and reliability /
+   error-vs-uncertainty / ROC plots (PNG) into ``--out``.
 
     python -m nequip_ext.demo --out demo_out              # full demo (a few minutes on 2 CPU cores)
     python -m nequip_ext.demo --out /tmp/d --max-epochs 1 # smoke run
@@ -43,12 +45,16 @@ TABLE_COLUMNS = [
     ("forces_rmse", "RMSE", "{:.4f}"),
     ("forces_nll", "NLL", "{:.3f}"),
     ("forces_sharpness", "mean u", "{:.4f}"),
+    ("median_u", "median u", "{:.4f}"),
     ("u_ratio", "u/u_ID", "{:.2f}"),
     ("forces_spearman", "Spearman", "{:.3f}"),
     ("forces_auroc", "AUROC", "{:.3f}"),
-    ("forces_coverage_50", "cov50", "{:.3f}"),
     ("forces_coverage_90", "cov90", "{:.3f}"),
-    ("forces_miscal_area", "miscal", "{:.3f}"),
+    ("rmv_rmse", "RMV/RMSE", "{:.2f}"),
+    ("forces_ence", "ENCE", "{:.3f}"),
+    ("u_tail", "u-tail", "{:.2f}"),
+    ("frame_spearman", "frame ρ", "{:.3f}"),
+    ("frame_auroc", "frame AUC", "{:.3f}"),
 ]
 
 
@@ -140,19 +146,25 @@ def eval_loaders(ckpt: Path, splits: List[str]):
 
 
 def predict(model, loader):
-    """(predictive, reference forces) over one dataloader, float64, from the model's head outputs."""
+    """(predictive, reference forces, structure index per atom) over one dataloader, float64, from the
+    model's head outputs (as deployed: the stored calibration is applied by the model)."""
     from nequip.data import AtomicDataDict
 
     from .train import predictive
 
-    parts, refs = [], []
+    parts, refs, frames = [], [], []
+    offset = 0
     for batch in loader:
+        y = batch[AtomicDataDict.FORCE_KEY].detach().to(torch.float64).clone()
+        frame = batch[AtomicDataDict.BATCH_KEY].detach().clone() + offset
+        offset += int(batch[AtomicDataDict.NUM_NODES_KEY].shape[0])
         with torch.enable_grad():
             out = model(batch)
         out = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
         parts.append(predictive(out, dtype=torch.float64))
-        refs.append(batch[AtomicDataDict.FORCE_KEY].detach().to(torch.float64))
-    return concat(parts), torch.cat(refs)
+        refs.append(y)
+        frames.append(frame)
+    return concat(parts), torch.cat(refs), torch.cat(frames)
 
 
 def format_table(results: Dict[str, Dict[str, float]], labels: Dict[str, str]) -> str:
@@ -172,18 +184,19 @@ def evaluate(ckpt: Path, out: Path) -> dict:
     loaders = eval_loaders(ckpt, splits)
     preds = {s: predict(model, dl) for s, dl in zip(splits, loaders)}
 
-    pred_val, y_val = preds["val"]
+    pred_val, y_val, _ = preds["val"]
+    # a further global scale fitted on val: ≈ 1 when the stored calibration (fitted by nequip-train) holds
     c = fit_covariance_scale(pred_val, y_val)  # validation split only
 
     results, labels, cols_out = {}, {}, {}
     for scale_tag, scale in (("", 1.0), ("_calibrated", c)):
         for key, label, split in TEST_SETS + [("val", "val (calibration set)", "val")]:
-            pred, y = preds[split]
-            state = UQMetricState().update(pred.scaled(scale) if scale != 1.0 else pred, y)
+            pred, y, frame = preds[split]
+            state = UQMetricState().update(pred.scaled(scale) if scale != 1.0 else pred, y, frame=frame)
             results[key + scale_tag] = state.compute()
             if key == "val":  # reported in uq_metrics.json, not in the test table
                 continue
-            labels[key + scale_tag] = label + (f" + recal (c={c:.3g})" if scale_tag else "")
+            labels[key + scale_tag] = label + (f" + recal (c={c:.3g})" if scale_tag else " as deployed")
             cols_out[key + scale_tag] = state.columns()
         u_id = results["id" + scale_tag]["forces_sharpness"]
         for key in [k for k, _, _ in TEST_SETS] + ["val"]:
@@ -194,7 +207,10 @@ def evaluate(ckpt: Path, out: Path) -> dict:
     for key, cols in cols_out.items():
         plots[key] = {n: str(p) for n, p in write_uq_plots(cols, out, prefix=f"{key}_").items()}
     n_atoms = {split: int(preds[split][1].shape[0]) for split in splits}
-    return {"scale": c, "results": results, "labels": labels, "plots": plots, "n_atoms": n_atoms}
+    calib = [m.novelty.novelty_calib.tolist() for m in model.modules() if hasattr(m, "novelty")
+             and hasattr(m.novelty, "novelty_calib")]
+    return {"scale": c, "stored_calibration": calib[0] if calib else None, "results": results, "labels": labels,
+            "plots": plots, "n_atoms": n_atoms}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -236,8 +252,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     table = format_table(report["results"], report["labels"])
     n = report["n_atoms"]
     text = (
-        "UQ of the e2ip head (forces in eV/Å; u = sqrt(tr U_epi / 3); AUROC: u detecting the top-10% |ΔF| atoms;\n"
-        f"recalibration: one covariance scale c fitted by NLL on val ({n['val']} atoms), never on test)\n"
+        "UQ of the e2ip model (forces in eV/Å; u = sqrt(tr U_epi / 3); AUROC: u detecting the top-10% |ΔF| atoms;\n"
+        "as deployed: the calibration [c, β] that nequip-train fitted on val and stored in the model;\n"
+        f"+ recal: one further covariance scale fitted by NLL on val ({n['val']} atoms), never on test;\n"
+        "RMV/RMSE: sqrt(mean tr U_tot/3) over the force RMSE; u-tail: P99.9(u) / P99.9(|ΔF|/√3);\n"
+        "frame ρ / AUC: per structure, max u against max |ΔF|)\n"
         f"atoms: ID {n['test']}, OOD molecules {n['ood_mol']}, OOD 1200 K {n['ood_hot']}\n\n" + table
     )
     print(text)

@@ -19,7 +19,7 @@ YAML::
         kind: e2ip            # or eip
         num_channels: 16
         force_rms: ${training_data_stats:forces_rms}   # σ_F of Σ₀ (e2ip only)
-        novelty: {enabled: true, power: 10.0, quantile: 0.99}   # e2ip only; fitted by nequip_ext.NoveltyFitCallback
+        novelty: {enabled: true, mode: linear, quantile: 0.99}   # e2ip only; fitted by nequip_ext.NoveltyFitCallback
 
 ``force_rms`` default: NequIP has no single "force scale" model argument, but its
 standard configs set ``per_type_energy_scales`` to the training force RMS

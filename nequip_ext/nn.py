@@ -25,6 +25,7 @@ from nequip.nn import GraphModuleMixin
 
 from e2ip_plugins import EIPHead, EvidentialHead
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
+from e2ip_plugins.level import scale_sigma0
 from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
 
 from . import _keys as K
@@ -112,9 +113,11 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
 class E2IPNoveltyModule(GraphModuleMixin, torch.nn.Module):
     """Novelty-aware evidence (:mod:`e2ip_plugins.novelty`) after the last NequIP convnet.
 
-    κ ← κ·max(1, s/s_ref)^(−p), s the per-species Mahalanobis distance to the training atoms of
-    [invariants of the head's input, invariants of ``field`` (the last convnet's output)];
-    writes ``e2ip_novelty`` = s/s_ref, the effective ``e2ip_kappa`` and the covariance keys.
+    1/κ ← 1/κ + β·min(r, r_cap) (mode ``linear``, default) or κ ← κ·max(1, r)^(−p) (``power``), and
+    Σ₀ ← c·Σ₀ (the stored validation-fitted calibration [c, β]); r = s/s_ref, s the per-species
+    Mahalanobis distance to the training atoms of [invariants of the head's input, invariants of
+    ``field`` (the last convnet's output)]. Writes ``e2ip_novelty`` = r, the effective
+    ``e2ip_kappa``, the calibrated ``e2ip_sigma0*`` and the covariance keys.
     Parameter-free (buffers only), so checkpoints keep the parameter order of the head-only
     model. Fitted by :class:`nequip_ext.NoveltyFitCallback` or ``nequip_fit_novelty_e2ip``.
 
@@ -123,7 +126,7 @@ class E2IPNoveltyModule(GraphModuleMixin, torch.nn.Module):
         num_species: number of atom types (the model's ``type_names``)
         head_invariants: D of ``e2ip_head_invariants``
         field: node features after the last convnet (default ``node_features``)
-        **novelty: ``power`` (10), ``quantile`` (0.99), ``jitter`` (1e-6) of
+        **novelty: ``mode`` (``linear``), ``power`` (10), ``quantile`` (0.99), ``jitter`` (1e-6) of
             :class:`e2ip_plugins.novelty.NoveltyEvidence`
     """
 
@@ -134,7 +137,8 @@ class E2IPNoveltyModule(GraphModuleMixin, torch.nn.Module):
         self._init_irreps(
             irreps_in=irreps_in,
             required_irreps_in=[field, K.E2IP_HEAD_INVARIANTS_KEY],
-            irreps_out={**_COV_OUT, K.E2IP_KAPPA_KEY: None, K.E2IP_NOVELTY_KEY: None},
+            irreps_out={**_COV_OUT, K.E2IP_KAPPA_KEY: None, K.E2IP_NOVELTY_KEY: None, K.E2IP_SIGMA0_KEY: None,
+                        K.E2IP_SIGMA0_INV_KEY: None, K.E2IP_SIGMA0_LOGDET_KEY: None},
         )
         self.invariants = InvariantFeatures([str(self.irreps_in[field])])
         self.novelty = NoveltyEvidence(int(head_invariants) + self.invariants.num_features, int(num_species), **novelty)
@@ -146,10 +150,15 @@ class E2IPNoveltyModule(GraphModuleMixin, torch.nn.Module):
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         feats, species = self.novelty_features(data)
-        ratio, factor = self.novelty(feats, species, self.training)
-        kappa = data[K.E2IP_KAPPA_KEY] * factor
-        tot, epi, ale = niw_covariances(data[K.E2IP_NU_KEY], kappa, data[K.E2IP_SIGMA0_KEY])
+        ratio, kappa, calib = self.novelty(feats, species, data[K.E2IP_KAPPA_KEY], self.training)
+        sigma0, sigma0_inv, logdet = scale_sigma0(
+            data[K.E2IP_SIGMA0_KEY], data[K.E2IP_SIGMA0_INV_KEY], data[K.E2IP_SIGMA0_LOGDET_KEY], calib
+        )
+        tot, epi, ale = niw_covariances(data[K.E2IP_NU_KEY], kappa, sigma0)
         data[K.E2IP_KAPPA_KEY] = kappa
+        data[K.E2IP_SIGMA0_KEY] = sigma0
+        data[K.E2IP_SIGMA0_INV_KEY] = sigma0_inv
+        data[K.E2IP_SIGMA0_LOGDET_KEY] = logdet
         data[K.E2IP_NOVELTY_KEY] = ratio
         return _write_covariances(data, tot, epi, ale)
 

@@ -1,10 +1,12 @@
-"""Fitting the novelty-aware evidence of NequIP e²IP models (:mod:`e2ip_plugins.novelty`).
+"""Fitting the novelty-aware evidence and the stored calibration of NequIP e²IP models
+(:mod:`e2ip_plugins.novelty`, :mod:`e2ip_plugins.level`).
 
 - :class:`NoveltyFitCallback` (in the shipped configs): at the start of every validation
   epoch, while NequIP's EMA weights are swapped in (the weights that are validated,
   checkpointed and tested), one no-grad pass over the training data (up to the novelty
   module after the last convnet: the readout is skipped) fits the per-species moments, and one over the validation
-  data the reference quantile. Lightning's ``ModelCheckpoint`` saves at the end of
+  data the reference quantile, then one full forward over the validation data (with its reference
+  forces) the stored calibration [c, β]. Lightning's ``ModelCheckpoint`` saves at the end of
   validation, so every checkpoint (``best.ckpt`` used by the test run, ``last.ckpt`` for
   resuming) carries buffers fitted on its own weights.
 - ``nequip_fit_novelty_e2ip --ckpt best.ckpt --train train.xyz --val val.xyz``:
@@ -19,6 +21,7 @@ from typing import Iterable, List, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from e2ip_plugins.level import fit_stored_level
 from e2ip_plugins.novelty import fit_novelty
 
 from .model import NOVELTY_MODULE_NAME
@@ -61,16 +64,43 @@ def head_features(model: torch.nn.Module, batches: Iterable[dict], device=None):
 
 
 def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None) -> bool:
-    """Fit the novelty buffers of ``model`` in place; False if it has no novelty-enabled head."""
+    """Fit the novelty buffers and the stored calibration [c, β] of ``model`` in place (the
+    calibration needs ``val_batches`` with reference forces; without them it stays [1, 0]).
+    Returns False if the model has no novelty-enabled head."""
     head = novelty_head(model)
     if head is None:
         return False
     was_training = model.training
     model.eval()
+    if val_batches is not None and not isinstance(val_batches, (list, tuple)):
+        val_batches = list(val_batches)  # iterated twice: reference quantile, then calibration
     val = head_features(model, val_batches) if val_batches is not None else None
     fit_novelty(head.novelty, head_features(model, train_batches), val)
+    if val_batches is not None:
+        fit_stored_level(head.novelty, level_columns(model, val_batches))
     model.train(was_training)
     return True
+
+
+def level_columns(model: torch.nn.Module, batches: Iterable[dict], device=None):
+    """Yield the per-atom validation columns of :func:`e2ip_plugins.level.fit_stored_level` (full forward)."""
+    from nequip.data import AtomicDataDict
+
+    from . import _keys as K
+
+    device = device or next(model.parameters()).device
+    for batch in batches:
+        data = {k: v.to(device) for k, v in batch.items()}
+        y = data[AtomicDataDict.FORCE_KEY].clone()
+        with torch.inference_mode(False), torch.enable_grad():
+            out = model(data)
+        yield {
+            "nu": out[K.E2IP_NU_KEY].detach(), "kappa": out[K.E2IP_KAPPA_KEY].detach(),
+            "sigma0_inv": out[K.E2IP_SIGMA0_INV_KEY].detach(), "sigma0_logdet": out[K.E2IP_SIGMA0_LOGDET_KEY].detach(),
+            "residual": (y.to(out[AtomicDataDict.FORCE_KEY].dtype) - out[AtomicDataDict.FORCE_KEY]).detach(),
+            "ratio": out[K.E2IP_NOVELTY_KEY].detach(), "sigma0": out[K.E2IP_SIGMA0_KEY].detach(),
+            "frame": out[AtomicDataDict.BATCH_KEY].detach(),
+        }
 
 
 class NoveltyFitCallback(Callback):
@@ -98,19 +128,26 @@ class NoveltyFitCallback(Callback):
 
 
 # ------------------------------------------------------------------ command for existing checkpoints
-def _xyz_batches(path: str, model, r_max: float, type_names: List[str], batch_size: int = 16):
+def _xyz_batches(path: str, model, r_max: float, type_names: List[str], batch_size: int = 16,
+                 forces_key: str = "REF_forces"):
     import ase.io
     from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase
     from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
 
     mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=type_names)
     frames = ase.io.read(path, ":")
+    missing = [i for i, a in enumerate(frames) if forces_key not in a.arrays and a.calc is None]
+    if missing:
+        raise ValueError(f"{path}: frames {missing[:5]} lack the reference forces '{forces_key}' (--forces-key)")
+    mapping = {forces_key: AtomicDataDict.FORCE_KEY} if forces_key != AtomicDataDict.FORCE_KEY else {}
     for i in range(0, len(frames), batch_size):
-        graphs = [compute_neighborlist_(mapper(from_ase(a)), r_max=r_max) for a in frames[i : i + batch_size]]
+        graphs = [compute_neighborlist_(mapper(from_ase(a, key_mapping=mapping, include_keys=[forces_key])), r_max=r_max)
+                  for a in frames[i : i + batch_size]]
         yield AtomicDataDict.batched_from_list(graphs)
 
 
-def fit_checkpoint(ckpt: str, train: str, val: Optional[str], out: Optional[str] = None) -> dict:
+def fit_checkpoint(ckpt: str, train: str, val: Optional[str], out: Optional[str] = None,
+                   forces_key: str = "REF_forces") -> dict:
     """Fit the novelty buffers of a NequIP checkpoint on extxyz files and write them into ``out``."""
     from nequip.model.saved_models.load_utils import load_saved_model
     from nequip.utils.global_state import set_global_state
@@ -122,11 +159,12 @@ def fit_checkpoint(ckpt: str, train: str, val: Optional[str], out: Optional[str]
     r_max = float(model.metadata[R_MAX_KEY])
     type_names = str(model.metadata[TYPE_NAMES_KEY]).split(" ")
     if not fit_model_novelty(
-        model, _xyz_batches(train, model, r_max, type_names), _xyz_batches(val, model, r_max, type_names) if val else None
+        model, _xyz_batches(train, model, r_max, type_names, forces_key=forces_key),
+        _xyz_batches(val, model, r_max, type_names, forces_key=forces_key) if val else None
     ):
         raise ValueError(f"{ckpt}: the model has no e2ip head with novelty enabled (uq_head.novelty.enabled)")
     head = novelty_head(model)
-    buffers = {n: b for n, b in head.novelty.named_buffers()}
+    buffers = {n: b for n, b in head.novelty.named_buffers()}  # includes novelty_calib
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     sd = state["state_dict"]
     written = 0
@@ -144,18 +182,21 @@ def fit_checkpoint(ckpt: str, train: str, val: Optional[str], out: Optional[str]
     if written == 0:
         raise KeyError(f"{ckpt}: no e2ip head in the checkpoint state dict")
     torch.save(state, out or ckpt)
-    return {"ref": head.novelty.novelty_ref.tolist(), "written": written, "type_names": type_names}
+    return {"ref": head.novelty.novelty_ref.tolist(), "calib": head.novelty.novelty_calib.tolist(),
+            "written": written, "type_names": type_names}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Fit the e2ip novelty-aware evidence of a NequIP checkpoint.")
+    ap = argparse.ArgumentParser(description="Fit the e2ip novelty evidence and stored calibration of a NequIP checkpoint.")
     ap.add_argument("--ckpt", required=True, help="NequIP checkpoint (.ckpt) of an e2ip model")
     ap.add_argument("--train", required=True, help="extxyz file of the training structures")
     ap.add_argument("--val", default=None, help="extxyz file of the validation structures (reference quantile)")
     ap.add_argument("--out", default=None, help="output checkpoint (default: overwrite --ckpt)")
+    ap.add_argument("--forces-key", default="REF_forces", help="reference forces array of the extxyz files")
     args = ap.parse_args(argv)
-    res = fit_checkpoint(args.ckpt, args.train, args.val, args.out)
-    print(f"novelty fitted for types {res['type_names']}: s_ref = {[round(v, 3) for v in res['ref']]}; "
+    res = fit_checkpoint(args.ckpt, args.train, args.val, args.out, args.forces_key)
+    print(f"novelty fitted for types {res['type_names']}: s_ref = {[round(v, 3) for v in res['ref']]}, "
+          f"stored calibration [c, beta] = {[round(v, 5) for v in res['calib']]}; "
           f"wrote {res['written']} buffers to {args.out or args.ckpt}")
 
 

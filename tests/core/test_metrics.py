@@ -58,6 +58,9 @@ def _direct_metrics(pred, y, df=None):
         "forces_miscal_area": np.trapezoid(np.abs(ecdf - grid), grid) if hasattr(np, "trapezoid") else np.trapz(np.abs(ecdf - grid), grid),
         "forces_ence": np.mean(ence_terms),
         "forces_sharpness": np.mean(u),
+        "median_u": np.median(u),
+        "rmv_rmse": np.sqrt(np.mean(sigma**2)) / np.sqrt(np.mean(r**2)),
+        "u_tail": np.percentile(u, 99.9) / np.percentile(e / np.sqrt(3), 99.9),
     }
 
 
@@ -148,3 +151,16 @@ def test_gaussian_scaled_scales_all_covariances():
     s = pred.scaled(2.0)
     assert torch.allclose(s.covariance, 2 * pred.covariance)
     assert torch.allclose(s.uncertainty, np.sqrt(2) * pred.uncertainty)
+
+
+def test_frame_metrics_equal_direct_computation():
+    """frame_spearman / frame_auroc: per-structure max u against max error (19-atom frames)."""
+    pred = random_student_t(19 * 40, seed=8)
+    y = _noisy_targets(pred, seed=9, noise=1.1)
+    frame = torch.arange(40).repeat_interleave(19)
+    got = UQMetricState().update(pred, y, frame=frame).compute()
+    u = pred.uncertainty.numpy().reshape(40, 19).max(1)
+    e = torch.linalg.vector_norm(y - pred.mean, dim=1).numpy().reshape(40, 19).max(1)
+    assert got["frame_spearman"] == pytest.approx(stats.spearmanr(u, e)[0], rel=1e-12)
+    assert got["frame_auroc"] == pytest.approx(roc_auc_score(e > np.percentile(e, 90), u), rel=1e-12)
+    assert "frame_spearman" not in uq_metrics(pred, y)  # without frame indices: atom-level metrics only

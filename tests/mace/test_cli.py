@@ -240,3 +240,56 @@ def test_cli_stage_two_restart_and_wandb_offline(tmp_path):
     log2 = proc2.stdout + proc2.stderr
     assert proc2.returncode == 0, log2[-4000:]
     assert "Loading checkpoint" in log2 and "Epoch 2:" in log2 and "Epoch 0:" not in log2
+
+
+def test_stored_calibration_fitted_on_validation_and_applied(trained, f64, tmp_path):
+    """The run stored [c, β] fitted on the validation file: refitting the saved model with
+    ``mace_fit_novelty_e2ip`` on the same train / valid files alone (no test data) reproduces it, and the
+    eager model, its ``_compiled.model`` and ``E2IPMACECalculator`` report c × the covariances of the same
+    model at c = 1, with the per-structure max / mean of u."""
+    import copy
+
+    from mace_ext import E2IPMACECalculator
+
+    from .helpers import first_molecule
+
+    proc, work, head = trained
+    if head != "e2ip":
+        return
+    model_path = work / "iso7_e2ip.model"
+    eager = torch.load(str(model_path), weights_only=False)
+    c, beta = eager.e2ip_novelty.novelty_calib.tolist()
+    assert c > 0 and c != 1.0 and beta >= 0.0
+    assert "e2ip: stored calibration fitted on" in proc.stdout + proc.stderr
+    # the constants come from the train / valid files only
+    refit = tmp_path / "refit.model"
+    run_dir = work.parent
+    cmd = [str(Path(sys.executable).parent / "mace_fit_novelty_e2ip"), "--model", str(model_path),
+           "--train_file", str(run_dir / "train.xyz"), "--valid_file", str(run_dir / "val.xyz"),
+           "--output", str(refit), "--forces_key", "REF_forces"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = torch.load(str(refit), weights_only=False).e2ip_novelty
+    np.testing.assert_allclose(again.novelty_ref.numpy(), eager.e2ip_novelty.novelty_ref.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(again.novelty_calib.numpy(), [c, beta], rtol=1e-3, atol=1e-8)
+    # every output path applies the stored c
+    raw_model = copy.deepcopy(eager)
+    raw_model.e2ip_novelty.novelty_calib.copy_(torch.tensor([1.0, beta]))
+    mol = first_molecule()
+
+    def results(models):
+        calc = E2IPMACECalculator(models=models, device="cpu", default_dtype="float64")
+        atoms = mol.copy()
+        atoms.calc = calc
+        atoms.get_forces()
+        return dict(calc.results), calc
+
+    raw, _ = results([raw_model])
+    for name, models in (("eager", [eager]), ("compiled", [torch.jit.load(str(work / "iso7_e2ip_compiled.model"))])):
+        got, calc = results(models)
+        for k in ("forces_covariance", "forces_covariance_epistemic", "forces_covariance_aleatoric"):
+            np.testing.assert_allclose(got[k], c * raw[k], rtol=1e-8, atol=1e-14, err_msg=(name, k))
+        np.testing.assert_allclose(got["forces_uncertainty"], np.sqrt(c) * raw["forces_uncertainty"], rtol=1e-8)
+        u = got["forces_uncertainty"]
+        assert got["forces_uncertainty_max"] == pytest.approx(u.max()) and got["forces_uncertainty_mean"] == pytest.approx(u.mean())
+        assert {"forces_uncertainty_max", "forces_uncertainty_mean"} <= set(calc.implemented_properties)

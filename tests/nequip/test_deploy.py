@@ -245,6 +245,38 @@ def test_stretched_bond_raises_epistemic_uncertainty(calcs, molecule, stretched)
     assert r1[K.E2IP_NOVELTY_KEY][h] > 1.0 and r1[K.E2IP_NOVELTY_KEY][h] == r1[K.E2IP_NOVELTY_KEY].max()
 
 
+def test_stored_calibration_applied_by_every_output_path(artefacts, calcs, molecule):
+    """``nequip-train`` fitted the stored calibration [c, β] on the validation data; checkpoint, package and
+    AOTI calculators all report c × the covariances of the same model with c = 1 (β kept), and the
+    per-structure max / mean of u."""
+    from nequip_ext.novelty import novelty_head
+
+    sd = torch.load(artefacts["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    calib = [v for k, v in sd.items() if k.endswith("uq_novelty.novelty.novelty_calib")]
+    assert len(calib) == 1
+    c, beta = (float(v) for v in calib[0])
+    assert c > 0 and c != 1.0 and beta >= 0.0, (c, beta)
+    module = novelty_head(calcs["checkpoint"].model)
+    assert module is not None and module.novelty.novelty_calib.tolist() == [c, beta]
+    saved = module.novelty.novelty_calib.clone()
+    try:
+        module.novelty.novelty_calib.copy_(torch.tensor([1.0, beta], dtype=saved.dtype))
+        calcs["checkpoint"].reset()  # ASE caches results for unchanged atoms
+        raw = _results(calcs["checkpoint"], molecule)
+    finally:
+        module.novelty.novelty_calib.copy_(saved)
+        calcs["checkpoint"].reset()
+    for name, calc in calcs.items():
+        calc.reset()
+        res = _results(calc, molecule)
+        for k in COV_KEYS:
+            np.testing.assert_allclose(res[k], c * raw[k], rtol=1e-9, atol=1e-12 * np.abs(raw[k]).max(), err_msg=(name, k))
+        np.testing.assert_allclose(res[K.FORCES_UNCERTAINTY_KEY], np.sqrt(c) * raw[K.FORCES_UNCERTAINTY_KEY], rtol=1e-9)
+        u = res[K.FORCES_UNCERTAINTY_KEY]
+        assert res["forces_uncertainty_max"] == pytest.approx(u.max()) and res["forces_uncertainty_mean"] == pytest.approx(u.mean())
+        assert {"forces_uncertainty_max", "forces_uncertainty_mean"} <= set(calc.implemented_properties)
+
+
 @pytest.mark.parametrize("which", ["checkpoint", "compiled"])
 def test_rotation_equivariance(calcs, molecule, which):
     """(a) F(R x) = R F(x), Σ(R x) = R Σ(x) Rᵀ for all three covariances, E and u invariant."""
