@@ -18,7 +18,7 @@ if [ -z "$MODEL" ]; then
   MODEL="$OUT/train/best.ckpt"
 fi
 COMMON=(--model "$MODEL" --structure e2ip_plugins/data/iso7_ood_mol.xyz --index 0 --temperature 500
-        --steps 200 --timestep 0.5 --interval 10 --trust-lo 1.0 --trust-hi 5.0 --seed 0 --overwrite)
+        --steps 200 --timestep 0.5 --interval 10 --trust-lo 3.0 --trust-hi 5.0 --seed 0 --overwrite)
 "$BIN/e2ip-md" "${COMMON[@]}" --out "$OUT/plain"
 "$BIN/e2ip-md" "${COMMON[@]}" --udd 1.0 0.5 --out "$OUT/udd"
 for run in plain udd; do

@@ -211,7 +211,10 @@ class UncertaintyMonitor:
                      stop_values=[float(u[i]) for i in idx])
             self.write_summary()
             what = "u/(|F|+eps)" if self.relative else "u"
-            listing = ", ".join(f"{i} ({what} = {stat[i]:.4g}, u = {u[i]:.4g} eV/A)" for i in idx)
+            if self.relative:
+                listing = ", ".join(f"{i} ({what} = {stat[i]:.4g}, u = {u[i]:.4g} eV/A)" for i in idx)
+            else:
+                listing = ", ".join(f"{i} (u = {u[i]:.4g} eV/A)" for i in idx)
             raise TrustBandExceeded(
                 f"step {step}: max {what} = {value:.4g} >= trust_hi = {self.trust_hi:.4g}; atoms {listing}. "
                 f"Run stopped; {s['counts'][CANDIDATE]} candidate frames kept.",
