@@ -78,8 +78,8 @@ def as_stored(x: np.ndarray) -> np.ndarray:
 
 
 def band_of(value: float, trust_lo: float, trust_hi: float) -> str:
-    """Trust band of a structure's max-u statistic (see module docstring)."""
-    if value >= trust_hi:
+    """Trust band of a structure's max-u statistic (see module docstring); NaN/inf stop the run."""
+    if not math.isfinite(value) or value >= trust_hi:
         return STOP
     if value >= trust_lo:
         return CANDIDATE
@@ -133,7 +133,8 @@ class UncertaintyMonitor:
         self.history: List[Dict[str, Any]] = []  # step, band, max_u, mean_u, statistic per observed frame
         self.summary: Dict[str, Any] = {
             "status": "running", "stopped": False, "completed": False,
-            "trust_lo": trust_lo, "trust_hi": trust_hi, "relative": self.relative,
+            "trust_lo": trust_lo, "trust_hi": trust_hi if math.isfinite(trust_hi) else None,  # None: no stop band
+            "relative": self.relative,
             "eps": self.eps if self.relative else None,
             "observations": 0, "steps": 0, "counts": {b: 0 for b in BANDS},
             "first_candidate_step": None, "stop_step": None, "stop_atoms": None, "stop_values": None,
@@ -172,7 +173,7 @@ class UncertaintyMonitor:
         energy = res.get("model_energy", res.get("energy"))
         u_max, u_mean = float(u.max()), float(u.mean())  # = the calculator's forces_uncertainty_max/_mean to 1e-8
         stat = max_u_statistic(u, forces, self.relative, self.eps)
-        value = float(stat.max())
+        value = float(np.max(stat)) if np.isfinite(stat).all() else math.nan
         band = band_of(value, self.trust_lo, self.trust_hi)
         step = self._step()
 
@@ -206,7 +207,7 @@ class UncertaintyMonitor:
                 s["first_candidate_step"] = step
             self._append(self.candidates_path, frame)
         if band == STOP:
-            idx = np.flatnonzero(stat >= self.trust_hi)
+            idx = np.flatnonzero(~(stat < self.trust_hi) | ~np.isfinite(stat))
             s.update(status="stopped", stopped=True, stop_step=step, stop_atoms=idx.tolist(),
                      stop_values=[float(u[i]) for i in idx])
             self.write_summary()
@@ -246,6 +247,8 @@ class UncertaintyMonitor:
         """Mark the run completed (if it was not stopped) and write the summary; returns it."""
         if not self.summary["stopped"]:
             self.summary.update(status="completed" if completed else "interrupted", completed=bool(completed))
+            if self.dyn is not None:  # the last step run, also when it is not a multiple of the interval
+                self.summary["steps"] = int(self.dyn.nsteps)
         self.write_summary()
         return self.summary
 

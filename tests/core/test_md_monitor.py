@@ -244,6 +244,17 @@ def test_relative_bands(tmp_path):
     assert stop is not None and frames[-1].info["trust_band"] == STOP
 
 
+def test_non_finite_uncertainty_stops(tmp_path):
+    atoms = toy_molecule()
+    atoms.calc = toy_calc()
+    atoms.get_forces()
+    atoms.calc.results["forces_uncertainty"][2] = np.nan
+    mon = UncertaintyMonitor(atoms, 0.1, 100.0, trajectory_path=tmp_path / "t.extxyz", summary_path=tmp_path / "s.json")
+    with pytest.raises(TrustBandExceeded) as stop:
+        mon()
+    assert stop.value.atoms == [2] and json.loads((tmp_path / "s.json").read_text())["stop_step"] == 0
+
+
 def test_monitor_needs_covariance_outputs():
     atoms = toy_molecule()
     atoms.calc = toy_calc(covariance=False)
@@ -372,7 +383,7 @@ def test_cli_runs_and_writes(tmp_path, toy_registry):
     assert [int(f.info["md_step"]) for f in frames] == list(range(0, 41, 5))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["completed"] and summary["steps"] == 40
-    assert summary["udd"] == {"A": 0.5, "B": 0.1, "damping": None}
+    assert summary["udd"] == {"A": 0.5, "B": 0.1, "damping": None} and summary["trust_hi"] is None
     assert sum(summary["counts"].values()) == len(frames)
     n_cand = summary["counts"]["candidate"]
     assert n_cand > 0
