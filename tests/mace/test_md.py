@@ -113,3 +113,25 @@ def test_udd_refuses_committee(model_files):
     calc = E2IPMACECalculator(model_paths=[str(model_files["e2ip"])] * 2, device="cpu", default_dtype="float64")
     with pytest.raises(UDDUnsupportedError, match="exactly one"):
         UDDCalculator(calc, 1.0, 1.0)
+
+
+def test_torchscript_model_monitors_but_refuses_udd(model_files):
+    """MACE's `_compiled.model` (TorchScript, as mace_run_train_e2ip writes it) opens for monitoring; UDD
+    is refused at construction with a message naming the eager `.model`."""
+    from e3nn.util import jit
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = torch.load(model_files["e2ip"], weights_only=False)
+        path = model_files["dir"] / "e2ip_compiled.model"
+        torch.jit.save(jit.compile(model), path)
+    finally:
+        torch.set_default_dtype(old)
+    calc = find_adapter(path).open(path)
+    atoms = first_molecule()
+    atoms.calc = calc
+    atoms.get_forces()
+    assert calc.results["forces_covariance"].shape == (19, 3, 3)
+    with pytest.raises(UDDUnsupportedError, match=r"compiled MACE model.*eager `<name>\.model`"):
+        UDDCalculator(calc, 1.0, 1.0)
