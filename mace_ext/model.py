@@ -387,6 +387,7 @@ def level_columns(model: torch.nn.Module, loaders, device):
                 "nu": out["e2ip_nu"], "kappa": out["e2ip_kappa"], "sigma0_inv": out["e2ip_sigma0_inv"],
                 "sigma0_logdet": out["e2ip_sigma0_logdet"], "residual": data["forces"] - out["forces"],
                 "ratio": out["e2ip_novelty"], "sigma0": out["e2ip_sigma0"], "frame": data["batch"],
+                "species": torch.argmax(data["node_attrs"], dim=-1),
             }
 
 

@@ -99,7 +99,7 @@ def level_columns(model: torch.nn.Module, batches: Iterable[dict], device=None):
             "sigma0_inv": out[K.E2IP_SIGMA0_INV_KEY].detach(), "sigma0_logdet": out[K.E2IP_SIGMA0_LOGDET_KEY].detach(),
             "residual": (y.to(out[AtomicDataDict.FORCE_KEY].dtype) - out[AtomicDataDict.FORCE_KEY]).detach(),
             "ratio": out[K.E2IP_NOVELTY_KEY].detach(), "sigma0": out[K.E2IP_SIGMA0_KEY].detach(),
-            "frame": out[AtomicDataDict.BATCH_KEY].detach(),
+            "frame": out[AtomicDataDict.BATCH_KEY].detach(), "species": out[AtomicDataDict.ATOM_TYPE_KEY].detach(),
         }
 
 

@@ -1,0 +1,150 @@
+"""Force-Jacobian LLPR candidate for the epistemic level (issue 12), post hoc on a MACE e²IP model.
+
+    .venv-mace/bin/python -m benchmarks.level_jacobian_llpr --model /tmp/bn/mace/runs/e2ip_s0/e2ip_s0.model \\
+        --split-dir /tmp/bn/data --out /tmp/bn/level_jacobian_mace.json
+
+Last-layer features φ_i: the inputs of the final linear map of every MACE readout (the ``0e`` channels
+read by a linear readout, the hidden activations of the non-linear one), so E = Σ_i wᵀφ_i (up to
+MACE's constant scale). Per structure Φ = Σ_i φ_i and G_j = ∂Φ/∂r_j (P×3, P backward passes). With
+the training atoms' F = [G_j]:
+
+    U_jac,j = G_jᵀ (FᵀF + ς²·tr(FᵀF)/P·I)⁻¹ G_j          (3×3, equivariant by construction)
+
+The candidate predictive is the Gaussian N(γ, c·U_tot,head + α²·U_jac) with U_epi = c·U_epi,head +
+α²·U_jac; (c, α²) by validation NLL for each ς² on a grid, best ς² by validation NLL. Cost: P
+backward passes per structure (P = 32 on the quick profile), reported as seconds per structure next
+to one forward+force pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+from benchmarks.level_candidates import SETS, _cat, _columns_mace
+
+
+def _features_hooks(model):
+    feats = []
+
+    def lin_hook(mod, inp, out):
+        feats.append(inp[0][:, : mod._e2ip_n0])
+
+    def act_hook(mod, inp, out):
+        feats.append(out)
+
+    hooks = []
+    for ro in model.readouts:
+        if hasattr(ro, "non_linearity"):
+            hooks.append(ro.non_linearity.register_forward_hook(act_hook))
+        else:
+            from e3nn import o3
+
+            ro._e2ip_n0 = sum(mul for mul, ir in o3.Irreps(str(ro.linear.irreps_in)) if ir.l == 0)
+            hooks.append(ro.register_forward_hook(lin_hook))
+    return feats, hooks
+
+
+def jacobians(model, loader):
+    """Per atom G_j (N, P, 3) over a loader (one structure per batch), and the time per structure."""
+    feats, hooks = _features_hooks(model)
+    out, times = [], []
+    for batch in loader:
+        data = batch.to_dict()
+        feats.clear()
+        t0 = time.perf_counter()
+        model(data, training=False, compute_force=False)
+        phi = torch.cat(feats, dim=1).sum(0)  # Φ (P,)
+        pos = data["positions"]
+        g = torch.stack([torch.autograd.grad(phi[p], pos, retain_graph=p < len(phi) - 1)[0] for p in range(len(phi))], 1)
+        times.append(time.perf_counter() - t0)
+        out.append(g.detach().to(torch.float64))
+    for h in hooks:
+        h.remove()
+    return torch.cat(out), float(np.median(times))
+
+
+def main(argv=None):
+    from mace_ext.fit_novelty import _loader
+
+    from e2ip_plugins import GaussianPredictive, StudentTPredictive
+    from e2ip_plugins.level import fit_level
+    from e2ip_plugins.metrics import UQMetricState
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--split-dir", required=True)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    files = {s: str(Path(args.split_dir) / f"{s}.xyz") for s in ("train",) + SETS}
+    cols = {s: _cat(b) for s, b in _columns_mace(args.model, {s: files[s] for s in SETS}).items()}
+    model = torch.load(args.model, map_location="cpu", weights_only=False).eval()
+    jac, tpf = {}, {}
+    for s, f in files.items():
+        jac[s], tpf[s] = jacobians(model, _loader(f, model, 1))
+    t_fwd = []
+    for batch in _loader(files["test"], model, 1):
+        t0 = time.perf_counter()
+        model(batch.to_dict(), training=False, compute_force=True)
+        t_fwd.append(time.perf_counter() - t0)
+    g_train = jac["train"]  # (N, P, 3)
+    ftf = torch.einsum("npa,nqa->pq", g_train, g_train)
+    p_dim = ftf.shape[0]
+    val = cols["val"]
+
+    def head_pred(cs, c):
+        return StudentTPredictive(mean=torch.zeros_like(cs["residual"]), nu=cs["nu"], kappa=cs["kappa"],
+                                  sigma0=cs["sigma0"], sigma0_inv=cs["sigma0_inv"],
+                                  sigma0_logdet=cs["sigma0_logdet"]).scaled(c)
+
+    def u_jac(g, reg):
+        inv = torch.linalg.inv(ftf + reg * torch.trace(ftf) / p_dim * torch.eye(p_dim, dtype=ftf.dtype))
+        return torch.einsum("npa,pq,nqb->nab", g, inv, g)
+
+    def gauss(cs, g, reg, c, a2):
+        hp = head_pred(cs, 1.0)
+        uj = u_jac(g, reg)
+        return GaussianPredictive(mean=torch.zeros_like(cs["residual"]), cov_epistemic=c * hp.covariance_epistemic + a2 * uj,
+                                  cov_aleatoric=c * hp.covariance_aleatoric)
+
+    c_head = fit_level(val["nu"], val["kappa"], val["sigma0_inv"], val["sigma0_logdet"], val["residual"],
+                       torch.zeros_like(val["ratio"]))[0]
+    best = None
+    for reg in (1e-8, 1e-6, 1e-4, 1e-2):
+        uj_val = u_jac(jac["val"], reg)
+        scale0 = float(torch.diagonal(head_pred(val, c_head).covariance, dim1=-2, dim2=-1).mean()
+                       / torch.diagonal(uj_val, dim1=-2, dim2=-1).mean())
+
+        def obj(x):
+            return float(gauss(val, jac["val"], reg, math.exp(x[0]), scale0 * math.exp(x[1])).nll(val["residual"]).mean())
+
+        res = minimize(obj, x0=[math.log(c_head), 0.0], method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-6})
+        if best is None or res.fun < best[0]:
+            best = (float(res.fun), reg, math.exp(res.x[0]), scale0 * math.exp(res.x[1]))
+    nll, reg, c, a2 = best
+    out = {"val_nll": nll, "reg": reg, "c": c, "alpha2": a2, "P": p_dim, "sets": {},
+           "s_per_structure_jacobian": tpf["test"], "s_per_structure_forward_force": float(np.median(t_fwd))}
+    keys = ("forces_coverage_90", "rmv_rmse", "forces_ence", "u_tail", "forces_spearman", "forces_auroc",
+            "frame_spearman", "frame_auroc", "forces_sharpness", "median_u")
+    print(f"jacobian LLPR: P={p_dim} reg={reg:g} c={c:.4g} alpha2={a2:.4g} val NLL {nll:.4f}; "
+          f"{tpf['test'] * 1e3:.1f} ms/structure for G vs {out['s_per_structure_forward_force'] * 1e3:.1f} ms forward+forces")
+    for s in SETS[1:]:
+        cs = cols[s]
+        m = UQMetricState().update(gauss(cs, jac[s], reg, c, a2), cs["residual"], frame=cs["frame"]).compute()
+        out["sets"][s] = m
+        print(f"  {s:8s} " + " ".join(f"{m[k]:10.4f}" for k in keys))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
