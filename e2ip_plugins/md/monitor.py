@@ -130,6 +130,7 @@ class UncertaintyMonitor:
             if p is not None:
                 p.write_text("")  # a fresh file: a run's outputs never mix with an earlier run's
         self._calls = 0
+        self._sum_max_u = 0.0
         self.history: List[Dict[str, Any]] = []  # step, band, max_u, mean_u, statistic per observed frame
         self.summary: Dict[str, Any] = {
             "status": "running", "stopped": False, "completed": False,
@@ -197,7 +198,8 @@ class UncertaintyMonitor:
         s["counts"][band] += 1
         s["max_u_max"] = u_max if s["max_u_max"] is None else max(s["max_u_max"], u_max)
         self.history.append({"step": step, "band": band, "max_u": u_max, "mean_u": u_mean, "statistic": value})
-        s["mean_max_u"] = float(np.mean([h["max_u"] for h in self.history]))
+        self._sum_max_u += u_max
+        s["mean_max_u"] = self._sum_max_u / s["observations"]
         self.last = {"step": step, "band": band, "max_u": u_max, "statistic": value}
 
         frame = self._frame(energy, forces)
