@@ -115,7 +115,14 @@ def _open(args, atoms):
                              variance_fn=adapter.variance_function(calc))
     probe = atoms.copy()
     probe.calc = calc
-    probe.get_forces()
+    try:
+        probe.get_forces()
+    except MDConfigError:
+        raise
+    except Exception as err:  # e.g. a NequIP model without the e2ip fields: the calculator raises KeyError
+        raise MDConfigError(
+            f"--model {args.model} fails on the starting structure: {type(err).__name__}: {err}"
+        ) from err
     missing = [k for k in ("forces_uncertainty", "forces_covariance") if k not in calc.results]
     if missing:
         raise MDConfigError(f"{args.model} gives no {missing}: e2ip-md needs a model with the e2ip covariance outputs")
