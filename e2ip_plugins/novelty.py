@@ -8,7 +8,8 @@ there is no training data. The evidence is therefore tied to a feature-space dis
                  channels, of every layer the adapter passes in)
     s_i          = ‖W_z (h_i − μ_z)‖²,  W_zᵀW_z = (C_z + δ_z·tr(C_z)/D·I)⁻¹  (squared Mahalanobis
                  distance to the Gaussian of the n_z training atoms of species z;
-                 δ_z = max(``jitter``, (D/n_z)⁶): a ridge that matters only for few atoms per feature)
+                 δ_z = max(``jitter``, (D/n_z)^k), k = ``ridge_power`` (6): a ridge that matters only
+                 for few atoms per feature)
     r_i          = s_i / s_ref,z        s_ref,z = q-quantile of s over the validation atoms of z
 
 Evidence maps (``mode``), with r̄_i = min(r_i, r_cap), r_cap = 100:
@@ -85,10 +86,11 @@ class NoveltyEvidence(torch.nn.Module):
         power: p of the ``power`` mode (default 10)
         quantile: q of the reference score on the validation split (default 0.99)
         jitter: δ, relative ridge added to each species covariance (default 1e-6)
+        ridge_power: k of the small-sample ridge (D/n_z)^k (default 6)
     """
 
     def __init__(self, num_features: int, num_species: int, mode: str = "linear", power: float = 10.0,
-                 quantile: float = 0.99, jitter: float = 1e-6):
+                 quantile: float = 0.99, jitter: float = 1e-6, ridge_power: float = 6.0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"novelty mode must be one of {MODES}, got {mode!r}")
@@ -103,6 +105,7 @@ class NoveltyEvidence(torch.nn.Module):
         self.power = float(power)
         self.quantile = float(quantile)
         self.jitter = float(jitter)
+        self.ridge_power = float(ridge_power)
         self.ratio_cap = 100.0  # r_cap of the factor (module docstring)
         d, s = self.num_features, self.num_species
         self.register_buffer("novelty_mean", torch.zeros(s, d))
@@ -221,7 +224,7 @@ class NoveltyFitter:
             mu = self.sx[z] / n
             cov = (self.sxx[z] - n * torch.outer(mu, mu)) / (n - 1)
             cov = 0.5 * (cov + cov.T)
-            delta = max(m.jitter, (m.num_features / n) ** 6)  # few atoms per feature: shrink (n = D → δ = 1)
+            delta = max(m.jitter, (m.num_features / n) ** m.ridge_power)  # few atoms per feature (n = D → δ = 1)
             cov = cov + delta * max(float(torch.trace(cov)) / m.num_features, 1e-12) * eye
             prec = torch.linalg.inv(cov)
             whiten[z] = torch.linalg.cholesky(0.5 * (prec + prec.T))  # prec = W Wᵀ, s = ‖(h−μ)W‖²
