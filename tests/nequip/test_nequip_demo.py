@@ -27,11 +27,12 @@ def test_demo_end_to_end(tmp_path):
     # the printed table: one row per test set, raw and recalibrated, with the promised columns
     lines = res.stdout.splitlines()
     header = next(line for line in lines if line.startswith("set "))
-    for col in ("MAE", "RMSE", "NLL", "mean u", "u/u_ID", "Spearman", "AUROC", "cov50", "cov90"):
+    for col in ("MAE", "RMSE", "NLL", "mean u", "median u", "u/u_ID", "Spearman", "AUROC", "cov90", "RMV/RMSE",
+                "ENCE", "u-tail", "frame ρ", "frame AUC"):
         assert col in header
     for label in ("ID (test)", "OOD molecules", "OOD 1200 K"):
         rows = [line for line in lines if line.startswith(label)]
-        assert len(rows) == 2 and "+ recal (c=" in rows[1], rows
+        assert len(rows) == 2 and "as deployed" in rows[0] and "+ recal (c=" in rows[1], rows
         for row in rows:
             assert all(math.isfinite(float(v)) for v in row.split()[-10:]), row
     assert "never on test" in res.stdout
@@ -41,11 +42,14 @@ def test_demo_end_to_end(tmp_path):
     assert report["n_atoms"] == {k: v * ATOMS for k, v in FRAMES.items()}
     c = report["scale"]
     assert c > 0 and math.isfinite(c)
+    stored_c, stored_beta = report["stored_calibration"]  # fitted by nequip-train on val, applied by the model
+    assert stored_c > 0 and stored_c != 1.0 and stored_beta >= 0.0
     results = report["results"]
     for key in SETS:
         for tag in ("", "_calibrated"):
             m = results[key + tag]
-            for name in UQ_NAMES + ("forces_coverage_50", "forces_sharpness", "u_ratio"):
+            for name in UQ_NAMES + ("forces_coverage_50", "forces_sharpness", "u_ratio", "rmv_rmse", "u_tail",
+                                    "frame_spearman", "frame_auroc", "median_u"):
                 assert math.isfinite(m[name]), (key + tag, name)
         raw, cal = results[key], results[key + "_calibrated"]
         # recalibration rescales the covariance only: same errors and ranking, u scaled by sqrt(c)
