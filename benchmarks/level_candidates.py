@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Dict
 
-import numpy as np
 import torch
 
 SETS = ("val", "test", "ood_mol", "ood_hot")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from e2ip_plugins.md.registry import MDConfigError, UDDUnsupportedError, VarianceFn
+from e2ip_plugins.md.udd import epistemic_variance_and_gradient
 
 from .calculator import E2IPMACECalculator
 
@@ -39,13 +40,8 @@ def _epistemic_variance(calc: E2IPMACECalculator, atoms) -> Tuple[float, np.ndar
     data["positions"] = positions
     with torch.enable_grad():
         out = model(data, training=False, compute_force=False, compute_stress=False)
-        epi = out["forces_covariance_epistemic"][:n]
-        sigma2 = torch.diagonal(epi, dim1=-2, dim2=-1).sum() / 3.0
-        (grad,) = torch.autograd.grad(sigma2, positions)
-    conv_f = calc.energy_units_to_eV / calc.length_units_to_A
-    value = float(sigma2.detach()) * conv_f**2
-    gradient = grad[:n].detach().to(torch.float64).cpu().numpy() * conv_f**2 / calc.length_units_to_A
-    return value, gradient
+    return epistemic_variance_and_gradient(out["forces_covariance_epistemic"], positions, n,
+                                           calc.energy_units_to_eV, calc.length_units_to_A)
 
 
 class MACEAdapter:

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 
 from e2ip_plugins import fit_covariance_scale

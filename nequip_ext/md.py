@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from e2ip_plugins.md.registry import MDConfigError, UDDUnsupportedError, VarianceFn
+from e2ip_plugins.md.udd import epistemic_variance_and_gradient
 
 from . import _keys as K
 
@@ -53,13 +54,8 @@ def _epistemic_variance(calc, network: torch.nn.Module, atoms) -> Tuple[float, n
     data[AtomicDataDict.POSITIONS_KEY] = pos
     with torch.enable_grad():
         out = network(data)
-        epi = out[K.FORCES_COVARIANCE_EPISTEMIC_KEY].reshape(-1, 3, 3)[:n]
-        sigma2 = torch.diagonal(epi, dim1=-2, dim2=-1).sum() / 3.0
-        (grad,) = torch.autograd.grad(sigma2, pos)
-    conv_f = calc.energy_units_to_eV / calc.length_units_to_A
-    value = float(sigma2.detach()) * conv_f**2
-    gradient = grad[:n].detach().to(torch.float64).cpu().numpy() * conv_f**2 / calc.length_units_to_A
-    return value, gradient
+    return epistemic_variance_and_gradient(out[K.FORCES_COVARIANCE_EPISTEMIC_KEY], pos, n,
+                                           calc.energy_units_to_eV, calc.length_units_to_A)
 
 
 class NequIPAdapter:

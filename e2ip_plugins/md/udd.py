@@ -69,6 +69,24 @@ def bias_forces(sigma2: float, grad_sigma2: np.ndarray, n_atoms: int, A: float, 
     return f
 
 
+def epistemic_variance_and_gradient(cov_epistemic, positions, n_atoms: int, energy_units_to_eV: float = 1.0,
+                                    length_units_to_A: float = 1.0) -> Tuple[float, np.ndarray]:
+    """σ² = Σ_i tr U_epi,i/3 of the first ``n_atoms`` atoms and ∂σ²/∂r (N, 3), in (eV/Å)² and (eV/Å)²/Å.
+
+    ``cov_epistemic`` (≥ N, 3, 3) must come from a forward pass on ``positions`` (requires grad), in the
+    model's units; the adapters' UDD hooks call this once they have run their model."""
+    import torch
+
+    with torch.enable_grad():
+        epi = cov_epistemic.reshape(-1, 3, 3)[:n_atoms]
+        sigma2 = torch.diagonal(epi, dim1=-2, dim2=-1).sum() / 3.0
+        (grad,) = torch.autograd.grad(sigma2, positions)
+    conv_f = energy_units_to_eV / length_units_to_A
+    value = float(sigma2.detach()) * conv_f**2
+    gradient = grad[:n_atoms].detach().to(torch.float64).cpu().numpy() * conv_f**2 / length_units_to_A
+    return value, gradient
+
+
 def epistemic_variance_from_results(results) -> float:
     """σ² = Σ_i tr U_epi,i / 3 from a calculator's results (``forces_covariance_epistemic``, else Σ u_i²)."""
     if "forces_covariance_epistemic" in results:

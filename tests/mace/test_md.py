@@ -4,7 +4,6 @@ on a saved ``.model`` file (subprocess), in float64. Tiny freshly built models (
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from e2ip_plugins.md import UDDCalculator, UDDUnsupportedError, bias_energy, find_adapter
+from e2ip_plugins.md import UDDCalculator, UDDUnsupportedError, find_adapter
 from mace_ext import E2IPMACECalculator, attach_e2ip_head
 from mace_ext.md import ADAPTER, MACEAdapter
 
+from ..udd_checks import check_udd_against_finite_differences
 from .helpers import first_molecule, tiny_mace
 
 E2IP_MD = Path(sys.executable).parent / "e2ip-md"
@@ -53,32 +53,8 @@ def test_entry_point_selects_mace_adapter(model_files):
 
 def test_udd_bias_force_matches_finite_differences(model_files):
     calc = ADAPTER.open(model_files["e2ip"])
-    variance = ADAPTER.variance_function(calc)
-    atoms = first_molecule()
-    n = len(atoms)
-    sigma2, grad = variance(atoms)
-    atoms.calc = calc
-    atoms.get_forces()
-    epi = calc.results["forces_covariance_epistemic"]
-    assert sigma2 == pytest.approx(np.trace(epi, axis1=1, axis2=2).sum() / 3, rel=1e-12)  # same σ² as the calculator
-    A, B = 1.0, math.sqrt(sigma2 / n)  # σ²/(N B²) = 1
-    udd = UDDCalculator(calc, A, B)  # hook found through the e2ip.calculators adapters
-    biased = atoms.copy()
-    biased.calc = udd
-    biased.get_forces()
-    f_bias = udd.results["udd_bias_forces"]
-    assert np.abs(f_bias).max() > 1e-4
-    h = 1e-5
-    for i in (0, 5, 12):
-        for k in range(3):
-            e = []
-            for sgn in (1, -1):
-                a = atoms.copy()
-                a.positions[i, k] += sgn * h
-                e.append(bias_energy(variance(a)[0], n, A, B))
-            fd = -(e[0] - e[1]) / (2 * h)
-            assert fd == pytest.approx(f_bias[i, k], rel=1e-6, abs=1e-9 * np.abs(f_bias).max())
-    np.testing.assert_allclose(udd.results["forces"], udd.results["model_forces"] + f_bias, atol=1e-14)
+    check_udd_against_finite_differences(calc, ADAPTER.variance_function(calc), first_molecule(), (0, 5, 12),
+                                         min_force=1e-4, atol_rel=1e-9)
 
 
 def test_cli_run_on_model_file(model_files, tmp_path):

@@ -10,19 +10,18 @@ wrapper (``DictInputOutputWrapper`` around an opaque runner, the structure ``loa
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import ase.io
-import numpy as np
 import pytest
 import torch
 
-from e2ip_plugins.md import UDDCalculator, UDDUnsupportedError, bias_energy, find_adapter
+from e2ip_plugins.md import UDDCalculator, UDDUnsupportedError, find_adapter
 
+from ..udd_checks import check_udd_against_finite_differences
 from ._cli_helpers import DATA, nequip_train
 
 BIN = Path(sys.executable).parent
@@ -56,31 +55,8 @@ def test_entry_points_select_nequip_adapter(artefacts):
 def test_udd_bias_force_matches_finite_differences(artefacts, which):
     adapter = find_adapter(artefacts[which])
     calc = adapter.open(artefacts[which])
-    variance = adapter.variance_function(calc)
-    atoms = ase.io.read(artefacts["start"])
-    n = len(atoms)
-    sigma2, _ = variance(atoms)
-    atoms.calc = calc
-    atoms.get_forces()
-    epi = calc.results["forces_covariance_epistemic"]
-    assert sigma2 == pytest.approx(np.trace(epi, axis1=1, axis2=2).sum() / 3, rel=1e-12)
-    A, B = 1.0, math.sqrt(sigma2 / n)
-    udd = UDDCalculator(calc, A, B)  # hook found through the e2ip.calculators adapters
-    biased = atoms.copy()
-    biased.calc = udd
-    biased.get_forces()
-    f_bias = udd.results["udd_bias_forces"]
-    assert np.abs(f_bias).max() > 1e-3
-    h = 1e-5
-    for i in (0, 3, 10):
-        for k in range(3):
-            e = []
-            for sgn in (1, -1):
-                a = atoms.copy()
-                a.positions[i, k] += sgn * h
-                e.append(bias_energy(variance(a)[0], n, A, B))
-            fd = -(e[0] - e[1]) / (2 * h)
-            assert fd == pytest.approx(f_bias[i, k], rel=1e-6, abs=1e-8 * np.abs(f_bias).max())
+    check_udd_against_finite_differences(calc, adapter.variance_function(calc), ase.io.read(artefacts["start"]),
+                                         (0, 3, 10), min_force=1e-3, atol_rel=1e-8)
 
 
 def test_cli_run_on_checkpoint(artefacts, tmp_path):
