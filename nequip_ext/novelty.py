@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Iterable, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -72,8 +72,8 @@ def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None) -
         return False
     was_training = model.training
     model.eval()
-    if val_batches is not None and not isinstance(val_batches, (list, tuple)):
-        val_batches = list(val_batches)  # iterated twice: reference quantile, then calibration
+    if isinstance(val_batches, Iterator):
+        val_batches = list(val_batches)  # a one-shot iterator is read twice: reference quantile, then calibration
     val = head_features(model, val_batches) if val_batches is not None else None
     fit_novelty(head.novelty, head_features(model, train_batches), val)
     if val_batches is not None:
