@@ -45,9 +45,8 @@ def starting_structures():
 
 def cmd_run(args):
     import ase.io
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+
+    from e2ip_plugins.md.cli import langevin
 
     from e2ip_plugins.md import UncertaintyMonitor, find_adapter
 
@@ -65,13 +64,7 @@ def cmd_run(args):
     for tag, smi, atoms0 in starting_structures():
         atoms = atoms0.copy()
         atoms.info = {"smiles": smi, "start": tag}
-        rng = np.random.default_rng(args.seed)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
-        Stationary(atoms)
-        ZeroRotation(atoms)
-        atoms.calc = calc
-        dyn = Langevin(atoms, timestep=args.timestep * units.fs, temperature_K=args.temperature,
-                       friction=0.01 / units.fs, fixcm=False, rng=rng)
+        dyn = langevin(atoms, calc, args.temperature, args.timestep, 0.01, args.seed)
         (out / tag).mkdir(parents=True, exist_ok=True)
         mon = UncertaintyMonitor(atoms, trust_lo, float("inf"), trajectory_path=out / tag / "trajectory.extxyz",
                                  candidates_path=out / tag / "candidates.extxyz", summary_path=out / tag / "summary.json")

@@ -22,16 +22,10 @@ import numpy as np
 
 
 def run_one(calc, atoms0, temperature, steps, timestep, interval, seed, friction=0.01):
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from e2ip_plugins.md.cli import langevin
 
     atoms = atoms0.copy()
-    rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    Stationary(atoms)
-    ZeroRotation(atoms)
-    atoms.calc = calc
+    dyn = langevin(atoms, calc, temperature, timestep, friction, seed)
     d0 = atoms0.get_all_distances()
     bonds = np.argwhere(np.triu(d0 < 1.6, k=1))
     rec = {"max_u": [], "stretch": [], "bias_energy": []}
@@ -43,8 +37,6 @@ def run_one(calc, atoms0, temperature, steps, timestep, interval, seed, friction
         rec["stretch"].append(float(np.max(d[bonds[:, 0], bonds[:, 1]] / d0[bonds[:, 0], bonds[:, 1]])))
         rec["bias_energy"].append(float(res.get("udd_bias_energy", 0.0)))
 
-    dyn = Langevin(atoms, timestep=timestep * units.fs, temperature_K=temperature, friction=friction / units.fs,
-                   fixcm=False, rng=rng)
     dyn.attach(observe, interval=interval)
     t0 = time.time()
     dyn.run(steps)

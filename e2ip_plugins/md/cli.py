@@ -160,25 +160,31 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def run(args) -> dict:
-    """Validate, open, run; returns the summary. Raises :class:`MDConfigError` before writing on bad input."""
+def langevin(atoms, calc, temperature_K: float, timestep_fs: float, friction_per_fs: float, seed: int):
+    """Seeded Langevin dynamics on ``atoms`` with ``calc``: Maxwell–Boltzmann velocities at ``temperature_K``
+    (no net momentum or rotation), then ASE's :class:`~ase.md.langevin.Langevin` sharing the same generator."""
     from ase import units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    atoms.calc = calc
+    return Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_K,
+                    friction=friction_per_fs / units.fs, fixcm=False, rng=rng)
+
+
+def run(args) -> dict:
+    """Validate, open, run; returns the summary. Raises :class:`MDConfigError` before writing on bad input."""
     _validate_args(args)
     atoms = _read_structure(args)
     calc = _open(args, atoms)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
-    Stationary(atoms)
-    ZeroRotation(atoms)
-    atoms.calc = calc
-    dyn = Langevin(atoms, timestep=args.timestep * units.fs, temperature_K=args.temperature,
-                   friction=args.friction / units.fs, fixcm=False, rng=rng)
+    dyn = langevin(atoms, calc, args.temperature, args.timestep, args.friction, args.seed)
     monitor = UncertaintyMonitor(
         atoms, args.trust_lo, args.trust_hi, relative=args.relative, eps=args.eps,
         trajectory_path=out / "trajectory.extxyz", candidates_path=out / "candidates.extxyz",
