@@ -28,6 +28,17 @@ import torch
 
 SETS = ("val", "test", "ood_mol", "ood_hot")
 RATIO_CAP = 100.0
+KEYS = ("forces_mae", "forces_coverage_90", "rmv_rmse", "forces_ence", "u_tail", "forces_spearman",
+        "forces_auroc", "frame_spearman", "frame_auroc", "forces_sharpness", "median_u")
+
+
+def print_sets(metrics_per_set: Dict[str, dict], header: bool = False) -> None:
+    """One row of ``KEYS`` per evaluated set (test, ood_mol, ood_hot)."""
+    if header:
+        print(f"{'set':12s} " + " ".join(f"{k.replace('forces_', ''):>10s}" for k in KEYS))
+    for s in SETS[1:]:
+        m = metrics_per_set[s]
+        print(f"  {s:10s} " + " ".join(f"{m.get(k, float('nan')):10.4f}" for k in KEYS))
 
 
 def _columns_mace(model_path: str, files: Dict[str, str]):
@@ -113,14 +124,9 @@ def main(argv=None) -> dict:
     raw = _columns_mace(args.model, files) if args.model.endswith(".model") else _columns_nequip(args.model, files)
     cols = {s: _cat(b) for s, b in raw.items()}
     results = evaluate(cols)
-    keys = ("forces_mae", "forces_coverage_90", "rmv_rmse", "forces_ence", "u_tail", "forces_spearman",
-            "forces_auroc", "frame_spearman", "frame_auroc", "forces_sharpness", "median_u")
-    print(f"{'candidate':10s} {'set':8s} " + " ".join(f"{k.replace('forces_', ''):>10s}" for k in keys))
-    for name, res in results.items():
-        print(f"{name:10s} c={res['c']:.4g} beta={res['beta']:.4g} val NLL {res['val_nll']:.4f}")
-        for s in SETS[1:]:
-            m = res["sets"][s]
-            print(f"{'':10s} {s:8s} " + " ".join(f"{m.get(k, float('nan')):10.4f}" for k in keys))
+    for i, (name, res) in enumerate(results.items()):
+        print(f"{name}: c={res['c']:.4g} beta={res['beta']:.4g} val NLL {res['val_nll']:.4f}")
+        print_sets(res["sets"], header=i == 0)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return results

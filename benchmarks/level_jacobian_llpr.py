@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from benchmarks.level_candidates import SETS, _cat, _columns_mace
+from benchmarks.level_candidates import SETS, _cat, _columns_mace, print_sets
 
 
 def _features_hooks(model):
@@ -132,15 +132,12 @@ def main(argv=None):
     nll, reg, c, a2 = best
     out = {"val_nll": nll, "reg": reg, "c": c, "alpha2": a2, "P": p_dim, "sets": {},
            "s_per_structure_jacobian": tpf["test"], "s_per_structure_forward_force": float(np.median(t_fwd))}
-    keys = ("forces_coverage_90", "rmv_rmse", "forces_ence", "u_tail", "forces_spearman", "forces_auroc",
-            "frame_spearman", "frame_auroc", "forces_sharpness", "median_u")
     print(f"jacobian LLPR: P={p_dim} reg={reg:g} c={c:.4g} alpha2={a2:.4g} val NLL {nll:.4f}; "
           f"{tpf['test'] * 1e3:.1f} ms/structure for G vs {out['s_per_structure_forward_force'] * 1e3:.1f} ms forward+forces")
     for s in SETS[1:]:
         cs = cols[s]
-        m = UQMetricState().update(gauss(cs, jac[s], reg, c, a2), cs["residual"], frame=cs["frame"]).compute()
-        out["sets"][s] = m
-        print(f"  {s:8s} " + " ".join(f"{m[k]:10.4f}" for k in keys))
+        out["sets"][s] = UQMetricState().update(gauss(cs, jac[s], reg, c, a2), cs["residual"], frame=cs["frame"]).compute()
+    print_sets(out["sets"], header=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     return out

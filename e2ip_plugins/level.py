@@ -5,7 +5,8 @@ With the head's evidence (ν, κ, Σ₀), the novelty ratio r̄ (min(s/s_ref, r_
 constants of the deployed predictive are
 
     (ĉ, β̂) = argmin_{c>0, β≥0}  (1/N) Σ_i NLL_t(y_i | γ_i, ν_i, κ_eff,i(β), c·Σ₀,i),
-    1/κ_eff,i = 1/κ_i + β·r̄_i                  (mode ``linear``; ``power``: β ≡ 0, κ_eff from the map)
+    1/κ_eff,i = 1/κ_i + β·r̄_i                  (mode ``linear``; ``power``: β ≡ 0, κ as given, i.e.
+                                                 already mapped by the power map)
 
 (NLL_t the NIW Student-t of :class:`e2ip_plugins.StudentTPredictive`). The search is a grid over
 log β around β₀ = median(1/κ)/median(r̄) (plus β = 0), a bounded Brent search in log c at each β,
@@ -23,7 +24,8 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
-from scipy.special import gammaln
+
+from .predictive import student_t_nll
 
 D = 3
 
@@ -36,22 +38,20 @@ def scale_sigma0(sigma0: torch.Tensor, sigma0_inv: torch.Tensor, logdet: torch.T
 
 
 def _nll(nu, kappa_eff, quad0, logdet0, logc) -> float:
-    """Mean Student-t NLL with Λ = c·f·Σ₀, f = ν(1+κ)/(κν′); quad0 = rᵀΣ₀⁻¹r."""
-    df = nu - D + 1
-    f = nu * (1 + kappa_eff) / (kappa_eff * df)
-    log_scale = logc + np.log(f)
-    d2 = quad0 / np.exp(log_scale)
-    val = (gammaln(df / 2) - gammaln((nu + 1) / 2) + 0.5 * D * np.log(df * math.pi)
-           + 0.5 * (D * log_scale + logdet0) + 0.5 * (nu + 1) * np.log1p(d2 / df))
-    return float(np.mean(val))
+    """Mean Student-t NLL (:func:`e2ip_plugins.predictive.student_t_nll`) with Λ = c·f·Σ₀,
+    f = ν(1+κ)/(κν′); quad0 = rᵀΣ₀⁻¹r and logdet0 = log|Σ₀| precomputed once per fit."""
+    nu, kappa_eff, quad0, logdet0 = (torch.as_tensor(x, dtype=torch.float64) for x in (nu, kappa_eff, quad0, logdet0))
+    log_scale = logc + torch.log(nu * (1 + kappa_eff) / (kappa_eff * (nu - D + 1)))
+    return float(student_t_nll(nu, D * log_scale + logdet0, quad0 / torch.exp(log_scale)).mean())
 
 
 def fit_level(nu: torch.Tensor, kappa: torch.Tensor, sigma0_inv: torch.Tensor, sigma0_logdet: torch.Tensor,
-              residual: torch.Tensor, ratio: torch.Tensor, mode: str = "linear", power: float = 10.0,
+              residual: torch.Tensor, ratio: torch.Tensor, mode: str = "linear",
               ratio_cap: float = 100.0, grid: int = 29) -> Tuple[float, float, Dict[str, float]]:
     """(ĉ, β̂, info) from per-atom validation tensors (module docstring).
 
-    ``kappa`` is the head's own κ (before the map); ``ratio`` the novelty ratio r (0 if unfitted);
+    ``kappa`` is the head's own κ in ``linear`` mode, the power-mapped κ in ``power`` mode (only c is
+    fitted then); ``ratio`` the novelty ratio r (0 if unfitted);
     ``residual`` = y − γ (N, 3). ``info`` holds the fitted NLL and that of the head alone (c = 1, β = 0).
     """
     to = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
@@ -65,8 +65,6 @@ def fit_level(nu: torch.Tensor, kappa: torch.Tensor, sigma0_inv: torch.Tensor, s
         raise ValueError("fit_level needs at least one validation atom")
 
     def kappa_eff(beta: float) -> np.ndarray:
-        if mode == "power":
-            return kap * np.maximum(rbar, 1.0) ** (-power)
         return kap / (1.0 + beta * kap * rbar)
 
     def best_c(beta: float) -> Tuple[float, float]:
@@ -75,7 +73,7 @@ def fit_level(nu: torch.Tensor, kappa: torch.Tensor, sigma0_inv: torch.Tensor, s
                               method="bounded", options={"xatol": 1e-7})
         return float(res.fun), float(res.x)
 
-    head_nll = _nll(nu_, kappa_eff(0.0) if mode == "power" else kap, quad0, logdet0, 0.0)
+    head_nll = _nll(nu_, kap, quad0, logdet0, 0.0)
     pos = rbar[rbar > 0]
     if mode == "power" or len(pos) == 0:
         fun, logc = best_c(0.0)
@@ -116,13 +114,9 @@ def fit_stored_level(module, batches) -> Dict[str, float]:
     cat = _gather_columns(cat)
     if len(cat["nu"]) == 0:
         raise ValueError("no validation atoms to fit the stored calibration on")
-    if module.linear:
-        # in power mode the map is applied before the fit; in linear mode κ is the head's own
-        c, beta, info = fit_level(cat["nu"], cat["kappa"], cat["sigma0_inv"], cat["sigma0_logdet"],
-                                  cat["residual"], cat["ratio"], "linear", ratio_cap=module.ratio_cap)
-    else:
-        c, beta, info = fit_level(cat["nu"], cat["kappa"], cat["sigma0_inv"], cat["sigma0_logdet"],
-                                  cat["residual"], torch.zeros_like(cat["ratio"]), "power")
+    # linear mode: κ is the head's own (calibration at identity); power mode: κ is already mapped, only c is fitted
+    c, beta, info = fit_level(cat["nu"], cat["kappa"], cat["sigma0_inv"], cat["sigma0_logdet"], cat["residual"],
+                              cat["ratio"], "linear" if module.linear else "power", ratio_cap=module.ratio_cap)
     with torch.no_grad():
         module.novelty_calib.copy_(torch.tensor([c, beta]).to(module.novelty_calib))
     return {"c": c, "beta": beta, "atoms": float(len(cat["nu"])), **info}

@@ -39,6 +39,19 @@ def quad_form(mat: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ni,nij,nj->n", r, mat, r)
 
 
+def student_t_nll(nu: torch.Tensor, logdet_lam: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+    """−log of the NIW Student-t (df ν′ = ν − d + 1, scale Λ) at Mahalanobis distance d² = rᵀΛ⁻¹r:
+    lnΓ(ν′/2) − lnΓ((ν+1)/2) + (d/2)ln(ν′π) + ½ln|Λ| + ((ν+1)/2)·ln(1 + d²/ν′)."""
+    df = nu - D + 1
+    return (
+        torch.lgamma(df / 2)
+        - torch.lgamma((nu + 1) / 2)
+        + 0.5 * D * torch.log(df * math.pi)
+        + 0.5 * logdet_lam
+        + 0.5 * (nu + 1) * torch.log1p(d2 / df)
+    )
+
+
 @dataclasses.dataclass
 class _Predictive:
     mean: torch.Tensor
@@ -83,15 +96,8 @@ class StudentTPredictive(_Predictive):
 
     def nll(self, y: torch.Tensor) -> torch.Tensor:
         """lnΓ(ν′/2) − lnΓ((ν+1)/2) + (d/2)ln(ν′π) + ½ln|Λ| + ((ν+1)/2)·ln(1 + d²/ν′)."""
-        nu, df = self.nu, self.df
         logdet_lam = D * torch.log(self.scale_factor) + self.sigma0_logdet
-        return (
-            torch.lgamma(df / 2)
-            - torch.lgamma((nu + 1) / 2)
-            + 0.5 * D * torch.log(df * math.pi)
-            + 0.5 * logdet_lam
-            + 0.5 * (nu + 1) * torch.log1p(self.mahalanobis2(y) / df)
-        )
+        return student_t_nll(self.nu, logdet_lam, self.mahalanobis2(y))
 
     def pit(self, y: torch.Tensor) -> torch.Tensor:
         d2 = _np(self.mahalanobis2(y))

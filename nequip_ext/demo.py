@@ -36,6 +36,8 @@ from e2ip_plugins.metrics import UQMetricState
 from e2ip_plugins.plots import write_uq_plots
 from e2ip_plugins.predictive import concat
 
+from .novelty import novelty_head
+
 REPO_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "nequip"
 # (key, label, demo split): evaluated sets; "val" is only used to fit the calibration scale
 TEST_SETS = [("id", "ID (test)", "test"), ("ood_mol", "OOD molecules", "ood_mol"), ("ood_hot", "OOD 1200 K", "ood_hot")]
@@ -206,9 +208,8 @@ def evaluate(ckpt: Path, out: Path) -> dict:
     for key, cols in cols_out.items():
         plots[key] = {n: str(p) for n, p in write_uq_plots(cols, out, prefix=f"{key}_").items()}
     n_atoms = {split: int(preds[split][1].shape[0]) for split in splits}
-    calib = [m.novelty.novelty_calib.tolist() for m in model.modules() if hasattr(m, "novelty")
-             and hasattr(m.novelty, "novelty_calib")]
-    return {"scale": c, "stored_calibration": calib[0] if calib else None, "results": results, "labels": labels,
+    head = novelty_head(model)
+    return {"scale": c, "stored_calibration": head.novelty.novelty_calib.tolist() if head else None, "results": results, "labels": labels,
             "plots": plots, "n_atoms": n_atoms}
 
 
