@@ -1,0 +1,252 @@
+"""In-process measurements for :mod:`benchmarks.cost` (one fresh process per call, so peaks are its own).
+
+    python -m benchmarks.cost_probe time  --spec spec.json   # interleaved plain/e2ip inference, median
+    python -m benchmarks.cost_probe mem   --spec spec.json   # peak RSS of one method, one path
+    python -m benchmarks.cost_probe train --spec spec.json   # interleaved training steps, median
+
+Every figure is one ASE ``calculate`` (neighbour list + model + the calculator's own work, covariances
+included for e2ip) or one training step (forward + loss + backward + Adam step). Loaders:
+
+=========  ====================================================  ==============================================
+path       MACE                                                  NequIP
+=========  ====================================================  ==============================================
+eager      ``MACECalculator`` / ``E2IPMACECalculator`` on the    ``NequIPCalculator._from_saved_model`` /
+           ``.model`` files                                      ``E2IPNequIPCalculator.from_saved_model`` (ckpt)
+deployed   the same calculators on ``torch.jit.load`` of the     ``NequIPCalculator.from_compiled_model`` (target
+           ``_compiled.model`` files MACE's run wrote            ``ase``) / ``E2IPNequIPCalculator.`` (``e2ip_ase``)
+=========  ====================================================  ==============================================
+
+Prints one JSON line prefixed ``COSTPROBE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Dict, List
+
+from .memprobe import _peak, _reset_peak, _status
+
+SPECIES = {"chemical_species_to_atom_type_map": True}
+
+
+def setup_threads(spec: Dict[str, Any]) -> None:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+
+
+def load(spec: Dict[str, Any], method: str, path: str):
+    """An ASE calculator for ``method`` (plain | e2ip) on ``path`` (eager | deployed)."""
+    import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)
+
+    art, device, backbone = spec["artifacts"][method], spec["device"], spec["backbone"]
+    if backbone == "mace":
+        import torch
+        from mace.calculators import MACECalculator
+
+        from mace_ext import E2IPMACECalculator
+
+        cls = MACECalculator if method == "plain" else E2IPMACECalculator
+        if path == "eager":
+            return cls(model_paths=art["model"], device=device, default_dtype=spec["dtype"])
+        return cls(models=[torch.jit.load(art["compiled"], map_location=device)], device=device,
+                   default_dtype=spec["dtype"])
+    from nequip.integrations.ase import NequIPCalculator
+
+    from nequip_ext import E2IPNequIPCalculator
+
+    if path == "eager":
+        if method == "plain":  # NequIP 0.19.1 has no public eager loader for plain models (benchmarks.backends)
+            return NequIPCalculator._from_saved_model(art["model"], device=device, **SPECIES)
+        return E2IPNequIPCalculator.from_saved_model(art["model"], device=device, **SPECIES)
+    cls = NequIPCalculator if method == "plain" else E2IPNequIPCalculator
+    return cls.from_compiled_model(art["compiled"], device=device, **SPECIES)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def calculate(calc, atoms, device: str) -> float:
+    from ase.calculators.calculator import all_changes
+
+    _sync(device)
+    t0 = time.perf_counter()
+    calc.calculate(atoms, ["energy", "forces"], all_changes)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def time_inference(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Both methods loaded in one process; warm-up, then ``repeats`` alternating calls; medians and ratio."""
+    import ase.io
+
+    atoms = ase.io.read(spec["structure"])
+    calcs = {m: load(spec, m, spec["path"]) for m in ("plain", "e2ip")}
+    for _ in range(spec.get("warmup", 1)):
+        for m in calcs:
+            calculate(calcs[m], atoms, spec["device"])
+    assert "forces_covariance" in calcs["e2ip"].results, "the e2ip path must produce forces_covariance"
+    times: Dict[str, List[float]] = {m: [] for m in calcs}
+    for i in range(spec["repeats"]):
+        order = ("plain", "e2ip") if i % 2 == 0 else ("e2ip", "plain")
+        for m in order:
+            times[m].append(calculate(calcs[m], atoms, spec["device"]))
+    med = {m: statistics.median(t) for m, t in times.items()}
+    return {"atoms": len(atoms), "times_s": times, "median_s": med, "ratio": med["e2ip"] / med["plain"]}
+
+
+def memory(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Peak RSS (VmHWM) increment over the post-import baseline while loading and running ``calls`` calculations
+    of one method; on CUDA also ``torch.cuda.max_memory_allocated``."""
+    import ase.io
+    import torch
+
+    atoms = ase.io.read(spec["structure"])
+    _import_framework(spec["backbone"])
+    resettable = _reset_peak()
+    base = _status("VmRSS") if resettable else _peak(False)
+    cuda = spec["device"].startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    calc = load(spec, spec["method"], spec["path"])
+    for _ in range(spec.get("calls", 2)):
+        calculate(calc, atoms, spec["device"])
+    peak = _peak(resettable)
+    out = {"atoms": len(atoms), "baseline_mb": base, "peak_mb": peak, "increment_mb": peak - base,
+           "mode": "VmHWM" if resettable else "ru_maxrss"}
+    if cuda:
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _import_framework(backbone: str) -> None:
+    import e2ip_plugins  # noqa: F401
+
+    if backbone == "mace":
+        import mace.calculators  # noqa: F401
+        import mace_ext  # noqa: F401
+    else:
+        import nequip.integrations.ase  # noqa: F401
+        import nequip_ext  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------------- training step
+def _mace_step_factory(spec, method, frames):
+    import torch
+    from mace import data as mdata
+    from mace.modules.loss import WeightedEnergyForcesLoss
+    from mace.tools import torch_geometric, utils
+
+    from mace_ext.loss import E2IPLoss
+
+    model = torch.load(spec["artifacts"][method]["model"], map_location=spec["device"], weights_only=False)
+    model.train()
+    z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    keys = mdata.KeySpecification(info_keys={"energy": "REF_energy"}, arrays_keys={"forces": "REF_forces"})
+    cfgs = [mdata.config_from_atoms(a, key_specification=keys) for a in frames]
+    ads = [mdata.AtomicData.from_config(c, z_table=z_table, cutoff=float(model.r_max)) for c in cfgs]
+    batch = torch_geometric.Batch.from_data_list(ads).to(spec["device"])
+    loss_fn = WeightedEnergyForcesLoss(energy_weight=1.0, forces_weight=10.0)
+    if method != "plain":  # mace_run_train_e2ip's defaults (mace_ext.cli): weight 1, λ 0.1
+        loss_fn = E2IPLoss(loss_fn, weight=1.0, reg_weight=0.1, sigma_f=1.0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        b = batch.to_dict()
+        out = model(b, training=True, compute_force=True)
+        loss = loss_fn(pred=out, ref=batch)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _nequip_step_factory(spec, method, frames):
+    import torch
+    from nequip.data import AtomicDataDict
+    from nequip.data.ase import from_ase
+    from nequip.model.saved_models.load_utils import load_saved_model
+    from nequip.train import EnergyForceLoss
+
+    from nequip_ext import EvidentialEnergyForceLoss
+
+    calc = load(spec, method, "eager")  # for its data transforms (type mapping, neighbour list)
+    model = load_saved_model(spec["artifacts"][method]["model"]).to(spec["device"])
+    model.train()
+    items = []
+    for a in frames:
+        d = from_ase(a, key_mapping={"REF_energy": "total_energy", "REF_forces": "forces"})
+        for t in calc.transforms:
+            d = t(d)
+        items.append(d)
+    batch = AtomicDataDict.to_(AtomicDataDict.batched_from_list(items), spec["device"])
+    names = list(spec["type_names"])
+    coeffs = {"total_energy": 1.0, "forces": 1.0}
+    if method == "plain":
+        loss_fn = EnergyForceLoss(coeffs=coeffs, per_atom_energy=True, type_names=names)
+    else:  # configs/nequip/e2ip.yaml: evidential 0.1, reg 0.1
+        loss_fn = EvidentialEnergyForceLoss(coeffs={**coeffs, "evidential": 0.1}, reg_weight=0.1, type_names=names)
+    loss_fn = loss_fn.to(spec["device"])
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn.reset()
+        out = model(dict(batch))
+        loss = loss_fn(out, batch)["weighted_sum"]
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def time_training(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Training step on ``spec['batch']`` frames of the dev file, both methods in one process, interleaved."""
+    import ase.io
+    import torch
+
+    torch.set_default_dtype(getattr(torch, spec["dtype"]))  # the data in the model's dtype, as the CLIs do
+    frames = ase.io.read(spec["train_file"], f":{spec['batch']}")
+    factory = _mace_step_factory if spec["backbone"] == "mace" else _nequip_step_factory
+    steps = {m: factory(spec, m, frames) for m in ("plain", "e2ip")}
+    for m in steps:
+        for _ in range(spec.get("warmup", 1)):
+            steps[m]()
+    times: Dict[str, List[float]] = {m: [] for m in steps}
+    for i in range(spec["repeats"]):
+        for m in (("plain", "e2ip") if i % 2 == 0 else ("e2ip", "plain")):
+            _sync(spec["device"])
+            t0 = time.perf_counter()
+            steps[m]()
+            _sync(spec["device"])
+            times[m].append(time.perf_counter() - t0)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    return {"atoms": sum(len(a) for a in frames), "frames": len(frames), "times_s": times, "median_s": med,
+            "ratio": med["e2ip"] / med["plain"]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=("time", "mem", "train"))
+    p.add_argument("--spec", required=True)
+    a = p.parse_args(argv)
+    with open(a.spec) as f:
+        spec = json.load(f)
+    setup_threads(spec)
+    fn = {"time": time_inference, "mem": memory, "train": time_training}[a.what]
+    print("COSTPROBE " + json.dumps(fn(spec)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
