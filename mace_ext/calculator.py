@@ -11,6 +11,10 @@ or several ``model_paths``, ``device``, ``default_dtype``, ...) that also fills
 ``forces_uncertainty_max/_mean``   ()         max and mean of u_i over the structure (DESIGN §2.5)
 ``forces_covariance_committee``    (N,3,3)    committees only: 3×3 sample covariance of the members'
                                               forces, 1/(K−1) Σ_k (F_k − F̄)(F_k − F̄)ᵀ
+``energy_uncertainty``             ()         σ_E, eV: the model's ℓ·sqrt(Σ_i tr U_tot,i/3) (APPROXIMATION,
+                                              docs/energy_uncertainty.md §4, ℓ stored in the model);
+                                              committees: sqrt(Var_k E_k + mean_k σ²_E,k) (§5)
+``energy_uncertainty_committee``   ()         committees only: sqrt(Var_k E_k), the epistemic part, 1/(K−1)
 =================================  =========  =====================================================
 
 ``calc.predictive()`` gives, for one model, the exact ``e2ip_plugins`` predictive of
@@ -24,6 +28,8 @@ committee's spread is added to the epistemic (and total) part:
 U_epi = mean_k U_epi,k + committee covariance; ``forces_uncertainty`` is then
 computed from that U_epi. Models without a head (plain MACE committees) give only
 the committee keys, and need K ≥ 2. All keys are in ``implemented_properties``.
+Models saved before ``energy_uncertainty`` existed (old ``_compiled.model`` files) get it from their
+``forces_covariance`` with the unfitted default ℓ = 0.1 Å, with a warning.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from ase.calculators.calculator import all_changes
 
 import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)
 from e2ip_plugins import ensemble_predictive
+from e2ip_plugins.energy_noise import DEFAULT_LENGTH_SCALE
+from e2ip_plugins.energy_uq import ENERGY_UNCERTAINTY_KEY, LEGACY_WARNING, committee_energy_uncertainty
 from e2ip_plugins.ensemble import STRUCTURE_KEYS, structure_uncertainty_results
 from e2ip_plugins.predictive import atom_uncertainty
 from mace.calculators.mace import MACECalculator
@@ -46,6 +54,7 @@ from .model import ATOM_LEVEL_KEYS, COVARIANCE_KEYS, predictive_from_output
 EVIDENCE_KEYS = tuple(k for k in ATOM_LEVEL_KEYS if k not in COVARIANCE_KEYS)
 
 COMMITTEE_KEY = "forces_covariance_committee"
+ENERGY_COMMITTEE_KEY = "energy_uncertainty_committee"
 _SHAPES = {
     "forces_covariance": (3, 3),
     "forces_covariance_epistemic": (3, 3),
@@ -65,9 +74,9 @@ class E2IPMACECalculator(MACECalculator):
                 "E2IPMACECalculator needs a model trained with mace_run_train_e2ip (it has no e2ip head) "
                 "or a committee of >= 2 models"
             )
-        extra = list(COVARIANCE_KEYS) + list(STRUCTURE_KEYS)
+        extra = list(COVARIANCE_KEYS) + list(STRUCTURE_KEYS) + [ENERGY_UNCERTAINTY_KEY]
         if self.num_models > 1:
-            extra.append(COMMITTEE_KEY)
+            extra += [COMMITTEE_KEY, ENERGY_COMMITTEE_KEY]
         # instance copy: MACECalculator extends ASE's class-level list in place
         self.implemented_properties = list(dict.fromkeys(list(self.implemented_properties) + extra))
         self._e2ip_ret: Optional[Dict[str, torch.Tensor]] = None
@@ -92,6 +101,9 @@ class E2IPMACECalculator(MACECalculator):
                 dict_of_tensors[key] = torch.zeros(
                     num_models, num_atoms, *out[key].shape[1:], device=self.device, dtype=out[key].dtype
                 )
+        if out.get(ENERGY_UNCERTAINTY_KEY) is not None:
+            dict_of_tensors[ENERGY_UNCERTAINTY_KEY] = torch.zeros(num_models, device=self.device,
+                                                                  dtype=out[ENERGY_UNCERTAINTY_KEY].dtype)
         if "forces" not in dict_of_tensors and out.get("forces") is not None:  # pragma: no cover
             dict_of_tensors["forces"] = torch.zeros(num_models, num_atoms, 3, device=self.device, dtype=out["forces"].dtype)
         self._e2ip_ret = dict_of_tensors  # filled in place by MACECalculator.calculate
@@ -125,6 +137,28 @@ class E2IPMACECalculator(MACECalculator):
             u = (atom_uncertainty(cov["forces_covariance_epistemic"]) * conv_f).cpu().numpy()
             self.results["forces_uncertainty"] = u
             self.results.update(structure_uncertainty_results(u))
+        self._energy_uncertainty(ret)
+
+    def _energy_uncertainty(self, ret: Dict[str, torch.Tensor]) -> None:
+        """``energy_uncertainty`` (and ``energy_uncertainty_committee``) of the last calculation (module docstring)."""
+        sigma = ret.get(ENERGY_UNCERTAINTY_KEY)  # (K,) per member, model units
+        if sigma is None and self.has_head and "forces_covariance" in ret:  # model saved before issue 15
+            if not getattr(self, "_warned_energy", False):
+                import warnings
+
+                warnings.warn("E2IPMACECalculator: " + LEGACY_WARNING)
+                self._warned_energy = True
+            tr = torch.diagonal(ret["forces_covariance"], dim1=-2, dim2=-1).sum((-1, -2)) / 3.0
+            sigma = DEFAULT_LENGTH_SCALE * torch.sqrt(tr)
+        energy = ret.get("energy")
+        if self.num_models > 1 and energy is not None:
+            e = energy.reshape(self.num_models, 1).double()
+            s = sigma.reshape(self.num_models, 1).double() if sigma is not None and self.has_head else None
+            total = committee_energy_uncertainty(e, s)
+            self.results[ENERGY_COMMITTEE_KEY] = float(committee_energy_uncertainty(e)[0]) * self.energy_units_to_eV
+            self.results[ENERGY_UNCERTAINTY_KEY] = float(total[0]) * self.energy_units_to_eV
+        elif sigma is not None:
+            self.results[ENERGY_UNCERTAINTY_KEY] = float(sigma[0]) * self.energy_units_to_eV
 
     def predictive(self):
         """Exact per-atom predictive of the last calculation (one model only), in eV/Å.
@@ -147,4 +181,4 @@ class E2IPMACECalculator(MACECalculator):
         return dataclasses.replace(pred.scaled(conv_f**2), mean=pred.mean * conv_f)
 
 
-__all__ = ["COMMITTEE_KEY", "STRUCTURE_KEYS", "E2IPMACECalculator"]
+__all__ = ["COMMITTEE_KEY", "ENERGY_COMMITTEE_KEY", "STRUCTURE_KEYS", "E2IPMACECalculator"]

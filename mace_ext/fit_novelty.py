@@ -6,7 +6,8 @@
 One pass over the training structures (per-element feature moments), one over the
 validation structures (reference quantile), one full forward over the validation structures
 with their reference forces (``--forces_key``) for the stored calibration [c, β]
-(:mod:`e2ip_plugins.level`), as ``mace_run_train_e2ip`` does after training; writes the
+(:mod:`e2ip_plugins.level`), and one with their reference energies (``--energy_key``) for the stored
+energy length of ``energy_uncertainty`` (:mod:`mace_ext.energy_uq`), as ``mace_run_train_e2ip`` does after training; writes the
 ``.model`` and, like MACE's run, a TorchScript ``<output>_compiled.model``.
 """
 
@@ -21,13 +22,13 @@ from typing import List, Optional
 import torch
 
 
-def _loader(path: str, model, batch_size: int, forces_key: str = "REF_forces"):
+def _loader(path: str, model, batch_size: int, forces_key: str = "REF_forces", energy_key: str = "REF_energy"):
     import ase.io
     from mace import data
     from mace.tools import torch_geometric, utils
 
     z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
-    keys = data.KeySpecification(info_keys={}, arrays_keys={"forces": forces_key})
+    keys = data.KeySpecification(info_keys={"energy": energy_key}, arrays_keys={"forces": forces_key})
     frames = ase.io.read(path, ":")
     missing = [i for i, a in enumerate(frames) if forces_key not in a.arrays]
     if missing:
@@ -48,6 +49,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--valid_file", default=None, help="extxyz validation structures (reference quantile)")
     ap.add_argument("--output", default=None, help="output .model (default: overwrite --model)")
     ap.add_argument("--forces_key", default="REF_forces", help="reference forces array of the extxyz files")
+    ap.add_argument("--energy_key", default="REF_energy", help="reference energy info key (energy length scale)")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -56,15 +58,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.set_default_dtype(next(model.parameters()).dtype)  # MACE's AtomicData uses the default dtype
     if not isinstance(model, E2IPMixin) or not model.e2ip_novelty_enabled:
         raise SystemExit(f"{args.model}: not an E2IP model with the e2ip head and novelty enabled")
-    train = _loader(args.train_file, model, args.batch_size, args.forces_key)
-    valid = [_loader(args.valid_file, model, args.batch_size, args.forces_key)] if args.valid_file else []
+    train = _loader(args.train_file, model, args.batch_size, args.forces_key, args.energy_key)
+    valid = [_loader(args.valid_file, model, args.batch_size, args.forces_key, args.energy_key)] if args.valid_file else []
     fit_novelty(model, train, valid, device=torch.device(args.device))
     out = Path(args.output or args.model)
     torch.save(model, out)
     compiled = out.with_name(out.stem + "_compiled.model")
     torch.jit.save(jit.compile(deepcopy(model)), compiled)
     print(f"novelty fitted: s_ref per element {model.e2ip_novelty.novelty_ref.tolist()}; stored calibration "
-          f"[c, beta] = {model.e2ip_novelty.novelty_calib.tolist()}; wrote {out} and {compiled}")
+          f"[c, beta] = {model.e2ip_novelty.novelty_calib.tolist()}; energy length scale = "
+          f"{float(model.e2ip_energy_uq.energy_noise_length[0]):.5g} A; wrote {out} and {compiled}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,14 @@ key                               shape      meaning
 ``e2ip_sigma0_logdet``            (N,)       log|Σ₀| (head ``e2ip``)
 ``eip_nu/alpha/beta``             (N,3)      per-component evidence (head ``eip``)
 ``e2ip_novelty``                  (N,)       s/s_ref of the novelty score (head ``e2ip``; 0 if unfitted)
+``energy_uncertainty``            (S,)       σ_E = ℓ·sqrt(Σ_i tr U_tot,i/3), eV (APPROXIMATION, see below)
 ================================  =========  ==========================================
+
+``energy_uncertainty`` (issue 15, :mod:`e2ip_plugins.energy_uq`) is derived from the force covariance
+under the assumption of docs/energy_uncertainty.md §4 (independent per-atom energy-noise processes, one
+length scale ℓ); ℓ is stored in ``e2ip_energy_uq.energy_noise_length`` and fitted on the validation
+energies right after the force level (:func:`fit_energy_noise`). ``.model`` files saved before it
+existed load with a warning and the unfitted default ℓ = 0.1 Å.
 
 Novelty-aware evidence (:mod:`e2ip_plugins.novelty`, head ``e2ip``, on by default): the
 head's κ is multiplied by max(1, s/s_ref)^(−p), s the per-species Mahalanobis distance of the
@@ -38,6 +45,7 @@ without ``mace_ext``), whose forward returns every key above.
 
 import logging
 import types
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -51,6 +59,7 @@ from e2ip_plugins import (
 )
 from e2ip_plugins._e3nn import o3
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
+from e2ip_plugins.energy_uq import LEGACY_WARNING, EnergyUncertainty
 from e2ip_plugins.level import fit_stored_level, scale_sigma0
 from e2ip_plugins import novelty as core_novelty
 from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
@@ -224,7 +233,16 @@ class E2IPMixin:
         out["forces_covariance_epistemic"] = cov_epi
         out["forces_covariance_aleatoric"] = cov_ale
         out["forces_uncertainty"] = covariance_uncertainty(cov_epi)
+        out["energy_uncertainty"] = self.e2ip_energy_uq(cov, data["batch"], data["ptr"].numel() - 1)
         return out
+
+    def __setstate__(self, state):
+        """Unpickling a ``.model`` saved before issue 15: add the energy module with the default ℓ (warning)."""
+        torch.nn.Module.__setstate__(self, state)
+        if "e2ip_energy_uq" not in self._modules:
+            warnings.warn("e2ip MACE model: " + LEGACY_WARNING)
+            ref = next(self.parameters())
+            self.e2ip_energy_uq = EnergyUncertainty().to(device=ref.device, dtype=ref.dtype)
 
     def e2ip_config(self) -> Dict[str, Any]:
         return {
@@ -310,10 +328,12 @@ def attach_e2ip_head(
     novelty_enabled = bool(nov.pop("enabled", True)) and head == "e2ip"
     invariants = InvariantFeatures([str(p.linear.irreps_out) for p in model.products])
     novelty_module = NoveltyEvidence(invariants.num_features, int(model.atomic_numbers.numel()), **nov)
+    energy_module = EnergyUncertainty()
     try:
         ref = next(model.parameters())
         module = module.to(device=ref.device, dtype=ref.dtype)
         novelty_module = novelty_module.to(device=ref.device, dtype=ref.dtype)
+        energy_module = energy_module.to(device=ref.device, dtype=ref.dtype)
     except StopIteration:  # pragma: no cover
         pass
     model.__class__ = _SUBCLASS[base]
@@ -328,6 +348,7 @@ def attach_e2ip_head(
     model.e2ip_invariants = invariants
     model.e2ip_novelty = novelty_module
     model.e2ip_novelty_enabled = novelty_enabled
+    model.e2ip_energy_uq = energy_module
     logging.info(
         f"e2ip: attached '{head}' head reading product block {idx} ({irreps}), sigma_F = {force_rms:.4g} eV/A, "
         f"{sum(p.numel() for p in module.parameters())} head parameters"
@@ -344,7 +365,13 @@ def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device
     rank under DDP (moments summed, validation columns gathered). Returns False if the model has no
     novelty-enabled head.
     """
-    if not isinstance(model, E2IPMixin) or not model.e2ip_novelty_enabled:
+    if not isinstance(model, E2IPMixin):
+        return False
+    from .energy_uq import fit_energy_noise
+
+    if not model.e2ip_novelty_enabled:
+        if valid_loaders:  # no force level to fit, but the energy length still is
+            fit_energy_noise(model, valid_loaders, device)
         return False
     ref = next(model.parameters())
     device = device or ref.device
@@ -371,6 +398,7 @@ def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device
         logging.info("e2ip: stored calibration fitted on %d validation atoms: c = %.4g, beta = %.4g "
                      "(val NLL %.4f, head alone %.4f)", int(res["atoms"]), res["c"], res["beta"], res["nll"],
                      res["nll_head"])
+        fit_energy_noise(model, valid_loaders, device)
     else:
         logging.warning("e2ip: no validation data: the stored calibration stays at c = 1, beta = 0")
     model.train(was_training)

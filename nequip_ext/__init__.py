@@ -26,6 +26,7 @@ def _register() -> None:
     from nequip.data._key_registry import register_fields
 
     register_fields(
+        graph_fields=list(_keys.GRAPH_KEYS),
         node_fields=list(_keys.NODE_KEYS),
         cartesian_tensor_fields={k: "ij=ji" for k in _keys.CARTESIAN_KEYS},
     )

@@ -11,6 +11,8 @@ FORCES_COVARIANCE_KEY: Final[str] = "forces_covariance"  # (N, 3, 3) U_tot
 FORCES_COVARIANCE_EPISTEMIC_KEY: Final[str] = "forces_covariance_epistemic"  # (N, 3, 3) U_epi
 FORCES_COVARIANCE_ALEATORIC_KEY: Final[str] = "forces_covariance_aleatoric"  # (N, 3, 3) U_ale
 FORCES_UNCERTAINTY_KEY: Final[str] = "forces_uncertainty"  # (N,) sqrt(tr U_epi / 3)
+# (frames, 1) per-structure σ_E = ℓ·sqrt(Σ_i tr U_tot,i/3), eV (approximation, e2ip_plugins.energy_uq)
+ENERGY_UNCERTAINTY_KEY: Final[str] = "energy_uncertainty"
 
 # === raw evidence of the e²IP (NIW) head ===
 E2IP_NU_KEY: Final[str] = "e2ip_nu"  # (N,)
@@ -46,6 +48,8 @@ NODE_KEYS: Final[List[str]] = CARTESIAN_KEYS + [
     EIP_ALPHA_KEY,
     EIP_BETA_KEY,
 ]
+# per-frame fields the plugin can emit
+GRAPH_KEYS: Final[List[str]] = [ENERGY_UNCERTAINTY_KEY]
 # head-output dict key (as returned by e2ip_plugins heads) -> data field
 E2IP_HEAD_FIELDS: Final[dict] = {
     "nu": E2IP_NU_KEY,

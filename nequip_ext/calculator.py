@@ -11,6 +11,9 @@ key                                       shape       meaning
 ``forces_covariance_aleatoric``           (N, 3, 3)   U_ale (eV/Å)²
 ``forces_uncertainty``                    (N,)        u = sqrt(tr U_epi / 3) (eV/Å)
 ``forces_uncertainty_max``, ``_mean``      ()          max and mean of u over the structure (DESIGN §2.5)
+``energy_uncertainty``                    ()          σ_E = ℓ·sqrt(Σ_i tr U_tot,i/3) (eV), APPROXIMATION from
+                                                      the force covariance (docs/energy_uncertainty.md §4),
+                                                      ℓ fitted on validation energies and stored in the model
 ========================================  ==========  ==========================================
 
 all listed in ``implemented_properties`` (so ``atoms.calc.get_property("forces_covariance")`` works).
@@ -24,9 +27,12 @@ Loading::
 
 AOTInductor models must be compiled with ``--target e2ip_ase`` (NequIP's plain ``ase`` target drops the
 covariance outputs); loading one compiled for another target raises a ``ValueError`` that says so.
+Artefacts compiled before ``energy_uncertainty`` existed (and old packages) still load, with a warning:
+their ``energy_uncertainty`` comes from ``forces_covariance`` with the unfitted default ℓ = 0.1 Å.
 """
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Dict, Union
 
@@ -35,10 +41,12 @@ import torch
 from nequip.data import AtomicDataDict
 from nequip.integrations.ase import NequIPCalculator
 
+from e2ip_plugins.energy_noise import DEFAULT_LENGTH_SCALE
+from e2ip_plugins.energy_uq import LEGACY_WARNING
 from e2ip_plugins.ensemble import STRUCTURE_KEYS, structure_uncertainty_results
 
 from . import _keys as K
-from .compile import E2IP_ASE_TARGET, E2IP_EXTRA_OUTPUTS, e2ip_ase_target
+from .compile import E2IP_ASE_TARGET, E2IP_EXTRA_OUTPUTS, LEGACY_EXTRA_OUTPUTS, e2ip_ase_target
 
 _NEEDS_TARGET = (
     "compile it with `nequip-compile <model> <out>.nequip.pt2 --mode aotinductor --device <device> "
@@ -57,9 +65,11 @@ class E2IPNequIPCalculator(NequIPCalculator):
     implemented_properties = (list(NequIPCalculator.implemented_properties) + list(E2IP_EXTRA_OUTPUTS)
                               + [K.E2IP_NOVELTY_KEY] + list(STRUCTURE_KEYS))
 
+    _legacy_target = False  # set while retrying an artefact compiled before energy_uncertainty existed
+
     @classmethod
     def _get_aoti_compile_target(cls) -> Dict:
-        return e2ip_ase_target()
+        return e2ip_ase_target(legacy=cls._legacy_target)
 
     @classmethod
     def from_compiled_model(cls, compile_path: Union[str, Path], device: Union[str, torch.device] = "cpu", **kwargs):
@@ -80,6 +90,16 @@ class E2IPNequIPCalculator(NequIPCalculator):
             # for (the e2ip_ase target) with those stored in the artefact and raises ValueError if they differ
             if "do not match metadata" not in str(err):
                 raise
+            try:  # an e2ip_ase artefact compiled before issue 15 (no energy_uncertainty output)
+                cls._legacy_target = True
+                calc = super().from_compiled_model(compile_path, device=device, **kwargs)
+                warnings.warn(f"{compile_path}: compiled before energy_uncertainty existed; " + LEGACY_WARNING
+                              + " (or recompile with --target e2ip_ase)")
+                return calc
+            except ValueError:
+                pass
+            finally:
+                cls._legacy_target = False
             raise ValueError(
                 f"`{compile_path}` was not compiled with `--target {E2IP_ASE_TARGET}`: its stored input/output fields "
                 f"differ from that target's (outputs {e2ip_ase_target()['output']}); " + _NEEDS_TARGET + f". NequIP: {err}"
@@ -96,7 +116,7 @@ class E2IPNequIPCalculator(NequIPCalculator):
 
     def save_extra_outputs(self, out: AtomicDataDict.Type) -> None:
         """Copy the DESIGN §3 covariance keys from the model output into ``self.results``."""
-        missing = [k for k in E2IP_EXTRA_OUTPUTS if k not in out]
+        missing = [k for k in LEGACY_EXTRA_OUTPUTS if k not in out]
         if missing:
             raise KeyError(
                 f"the model output lacks {missing}: use an nequip_ext.EvidentialNequIPGNNModel model; for compiled "
@@ -108,6 +128,15 @@ class E2IPNequIPCalculator(NequIPCalculator):
         u = out[K.FORCES_UNCERTAINTY_KEY].detach().cpu().numpy().reshape(-1)
         self.results[K.FORCES_UNCERTAINTY_KEY] = force_unit * u
         self.results.update(structure_uncertainty_results(force_unit * u))
+        if K.ENERGY_UNCERTAINTY_KEY in out:  # (frames, 1), eV in model units
+            sigma = float(out[K.ENERGY_UNCERTAINTY_KEY].detach().reshape(-1)[0])
+        else:  # model built before issue 15: unfitted default length (module docstring)
+            if not getattr(self, "_warned_energy", False):
+                warnings.warn("E2IPNequIPCalculator: " + LEGACY_WARNING)
+                self._warned_energy = True
+            cov = out[K.FORCES_COVARIANCE_KEY].detach().double().reshape(-1, 3, 3)
+            sigma = DEFAULT_LENGTH_SCALE * float(torch.diagonal(cov, dim1=-2, dim2=-1).sum() / 3.0) ** 0.5
+        self.results[K.ENERGY_UNCERTAINTY_KEY] = self.energy_units_to_eV * sigma
         if K.E2IP_NOVELTY_KEY in out:  # eager models: novelty ratio s/s_ref per atom (e2ip_plugins.novelty)
             self.results[K.E2IP_NOVELTY_KEY] = out[K.E2IP_NOVELTY_KEY].detach().cpu().numpy().reshape(-1)
         # raw evidence (eager models only: the e2ip_ase target returns the covariances, not the evidence)

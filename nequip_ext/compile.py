@@ -10,7 +10,7 @@ work on :class:`~nequip_ext.EvidentialNequIPGNNModel` checkpoints and packages.
 ``e2ip_ase``
     NequIP's ``ase`` target (same inputs, same single-frame static batch dimension) whose outputs
     additionally hold the DESIGN §3 keys ``forces_covariance``, ``forces_covariance_epistemic``,
-    ``forces_covariance_aleatoric`` and ``forces_uncertainty``. Its example-data settings are the
+    ``forces_covariance_aleatoric``, ``forces_uncertainty`` and ``energy_uncertainty``. Its example-data settings are the
     ``ase`` ones followed by :func:`_box_non_periodic_example`, so that checkpoints trained on
     molecules pass ``nequip-compile``'s eager-vs-compiled check (NaN stress otherwise).
     Load the result with :meth:`nequip_ext.E2IPNequIPCalculator.from_compiled_model`.
@@ -42,8 +42,11 @@ from . import _keys as K
 E2IP_ASE_TARGET = "e2ip_ase"
 """name of the compile target (``nequip-compile --target e2ip_ase``)"""
 
-E2IP_EXTRA_OUTPUTS: List[str] = list(K.COVARIANCE_KEYS) + [K.FORCES_UNCERTAINTY_KEY]
+E2IP_EXTRA_OUTPUTS: List[str] = list(K.COVARIANCE_KEYS) + [K.FORCES_UNCERTAINTY_KEY, K.ENERGY_UNCERTAINTY_KEY]
 """outputs the ``e2ip_ase`` target adds to NequIP's ``ase`` target (DESIGN §3)"""
+
+LEGACY_EXTRA_OUTPUTS: List[str] = list(K.COVARIANCE_KEYS) + [K.FORCES_UNCERTAINTY_KEY]
+"""outputs of ``e2ip_ase`` artefacts compiled before ``energy_uncertainty`` existed (issue 15)"""
 
 PACKAGING_MOCK_MODULES: List[str] = ["scipy", "sympy"]
 """libraries imported at module level by packaged code (``e2ip_plugins``, ``e3nn.o3``) but never called by a model"""
@@ -83,9 +86,10 @@ def _box_non_periodic_example(data: Dict) -> Dict:
     return data
 
 
-def e2ip_ase_target() -> Dict:
+def e2ip_ase_target(legacy: bool = False) -> Dict:
     """The ``e2ip_ase`` target dict: NequIP's registered ``ase`` target with the covariance outputs appended
-    and its example-data settings followed by :func:`_box_non_periodic_example`."""
+    and its example-data settings followed by :func:`_box_non_periodic_example`. ``legacy``: the outputs of
+    artefacts compiled before ``energy_uncertainty`` was added (for loading them only)."""
     from nequip.scripts._compile_utils import AOTI_ASE_TARGET, COMPILE_TARGET_DICT
 
     ase = COMPILE_TARGET_DICT[AOTI_ASE_TARGET]
@@ -96,7 +100,8 @@ def e2ip_ase_target() -> Dict:
         return _box_non_periodic_example(ase_data_settings(data))
 
     target = dict(ase)
-    target["output"] = outputs + [k for k in E2IP_EXTRA_OUTPUTS if k not in outputs]
+    extra = LEGACY_EXTRA_OUTPUTS if legacy else E2IP_EXTRA_OUTPUTS
+    target["output"] = outputs + [k for k in extra if k not in outputs]
     target["data_settings"] = data_settings
     return target
 

@@ -8,7 +8,8 @@ and writes the covariance fields; energy, forces and stress are untouched. With
 novelty-aware evidence (e2ip, on by default) the parameter-free
 :class:`~nequip_ext.nn.E2IPNoveltyModule` (``uq_novelty``) after the last convnet scores the
 invariants of the head's input and of the last convnet's output, and writes κ and the
-covariance fields.
+covariance fields. :class:`~nequip_ext.nn.E2IPEnergyUncertaintyModule` (``uq_energy``), appended
+last, writes the per-frame ``energy_uncertainty`` (approximation from the force covariance, issue 15).
 
 YAML::
 
@@ -37,11 +38,12 @@ from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
-from .nn import E2IPHeadModule, E2IPNoveltyModule, EIPHeadModule
+from .nn import E2IPEnergyUncertaintyModule, E2IPHeadModule, E2IPNoveltyModule, EIPHeadModule
 
 HEAD_KINDS = {"e2ip": E2IPHeadModule, "eip": EIPHeadModule}
 HEAD_MODULE_NAME = "uq_head"
 NOVELTY_MODULE_NAME = "uq_novelty"
+ENERGY_MODULE_NAME = "uq_energy"
 
 
 def _default_force_rms(per_type_energy_scales) -> float:
@@ -95,6 +97,8 @@ def attach_uq_head(
         nov = E2IPNoveltyModule(irreps_in=seq._modules[last].irreps_out, num_species=cfg["num_species"],
                                 head_invariants=head.invariants.num_features, **opts)
         seq.insert(NOVELTY_MODULE_NAME, nov, after=last)
+    # energy_uncertainty (issue 15): reads the final forces_covariance, so it goes last
+    seq.append(ENERGY_MODULE_NAME, E2IPEnergyUncertaintyModule(irreps_in=seq.irreps_out))
     return ForceStressOutput(seq, do_derivatives=model.do_derivatives)
 
 

@@ -25,6 +25,7 @@ from nequip.nn import GraphModuleMixin
 
 from e2ip_plugins import EIPHead, EvidentialHead
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
+from e2ip_plugins.energy_uq import EnergyUncertainty
 from e2ip_plugins.level import scale_sigma0
 from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
 
@@ -161,6 +162,33 @@ class E2IPNoveltyModule(GraphModuleMixin, torch.nn.Module):
         data[K.E2IP_SIGMA0_LOGDET_KEY] = logdet
         data[K.E2IP_NOVELTY_KEY] = ratio
         return _write_covariances(data, tot, epi, ale)
+
+
+class E2IPEnergyUncertaintyModule(GraphModuleMixin, torch.nn.Module):
+    """Per-frame ``energy_uncertainty`` (frames, 1), eV: σ_E = ℓ·sqrt(Σ_i tr U_tot,i/3) (issue 15).
+
+    APPROXIMATION (docs/energy_uncertainty.md §4): the force covariance is read as the derivative of
+    independent per-atom energy-noise processes with one length scale ℓ, stored in the buffer
+    ``energy.energy_noise_length`` = [ℓ, S_fit] and fitted on validation energies next to the force level
+    (:mod:`nequip_ext.novelty`). Checkpoints without it load with a warning and ℓ = 0.1 Å (unfitted).
+    Appended at the end of the energy model, after the covariance fields exist. Buffers only.
+    """
+
+    def __init__(self, irreps_in):
+        super().__init__()
+        self._init_irreps(irreps_in=irreps_in, required_irreps_in=[K.FORCES_COVARIANCE_KEY],
+                          irreps_out={K.ENERGY_UNCERTAINTY_KEY: "0e"})
+        self.energy = EnergyUncertainty()
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        cov = data[K.FORCES_COVARIANCE_KEY]
+        if AtomicDataDict.BATCH_KEY in data:
+            batch = data[AtomicDataDict.BATCH_KEY]
+        else:
+            batch = torch.zeros(cov.shape[0], dtype=torch.long, device=cov.device)
+        sigma = self.energy(cov, batch, AtomicDataDict.num_frames(data))
+        data[K.ENERGY_UNCERTAINTY_KEY] = sigma.unsqueeze(-1)
+        return data
 
 
 class EIPHeadModule(GraphModuleMixin, torch.nn.Module):

@@ -6,7 +6,9 @@
   checkpointed and tested), one no-grad pass over the training data (up to the novelty
   module after the last convnet: the readout is skipped) fits the per-species moments, and one over the validation
   data the reference quantile, then one full forward over the validation data (with its reference
-  forces) the stored calibration [c, β]. Lightning's ``ModelCheckpoint`` saves at the end of
+  forces) the stored calibration [c, β], and one more (with its reference energies, calibrated model) the
+  stored energy length ℓ of ``energy_uncertainty`` (:mod:`e2ip_plugins.energy_uq`; models without novelty
+  fit ℓ only). Lightning's ``ModelCheckpoint`` saves at the end of
   validation, so every checkpoint (``best.ckpt`` used by the test run, ``last.ckpt`` for
   resuming) carries buffers fitted on its own weights.
 - ``nequip_fit_novelty_e2ip --ckpt best.ckpt --train train.xyz --val val.xyz``:
@@ -21,10 +23,11 @@ from typing import Iterable, Iterator, List, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from e2ip_plugins.energy_uq import fit_energy_length, force_variance_sum
 from e2ip_plugins.level import fit_stored_level
 from e2ip_plugins.novelty import fit_novelty
 
-from .model import NOVELTY_MODULE_NAME
+from .model import ENERGY_MODULE_NAME, NOVELTY_MODULE_NAME
 
 
 def novelty_head(model: torch.nn.Module):
@@ -33,6 +36,16 @@ def novelty_head(model: torch.nn.Module):
 
     for mod in model.modules():
         if isinstance(mod, E2IPNoveltyModule):
+            return mod
+    return None
+
+
+def energy_head(model: torch.nn.Module):
+    """The model's :class:`~nequip_ext.nn.E2IPEnergyUncertaintyModule` (None for models built before issue 15)."""
+    from .nn import E2IPEnergyUncertaintyModule
+
+    for mod in model.modules():
+        if isinstance(mod, E2IPEnergyUncertaintyModule):
             return mod
     return None
 
@@ -68,18 +81,39 @@ def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None) -
     calibration needs ``val_batches`` with reference forces; without them it stays [1, 0]).
     Returns False if the model has no novelty-enabled head."""
     head = novelty_head(model)
-    if head is None:
-        return False
     was_training = model.training
     model.eval()
     if isinstance(val_batches, Iterator):
-        val_batches = list(val_batches)  # a one-shot iterator is read twice: reference quantile, then calibration
-    val = head_features(model, val_batches) if val_batches is not None else None
-    fit_novelty(head.novelty, head_features(model, train_batches), val)
-    if val_batches is not None:
-        fit_stored_level(head.novelty, level_columns(model, val_batches))
+        val_batches = list(val_batches)  # a one-shot iterator is read several times (quantile, level, energy)
+    if head is not None:
+        val = head_features(model, val_batches) if val_batches is not None else None
+        fit_novelty(head.novelty, head_features(model, train_batches), val)
+        if val_batches is not None:
+            fit_stored_level(head.novelty, level_columns(model, val_batches))
+    if val_batches is not None and energy_head(model) is not None:
+        fit_energy_length(energy_head(model).energy, energy_columns(model, val_batches))  # after the level
     model.train(was_training)
-    return True
+    return head is not None
+
+
+def energy_columns(model: torch.nn.Module, batches: Iterable[dict], device=None):
+    """Yield per-frame validation energy residuals and Σ_i tr U_tot,i/3 (batches without energies skipped)."""
+    from nequip.data import AtomicDataDict
+
+    from . import _keys as K
+
+    device = device or next(model.parameters()).device
+    for batch in batches:
+        if AtomicDataDict.TOTAL_ENERGY_KEY not in batch:
+            continue
+        data = {k: v.to(device) for k, v in batch.items()}
+        y = data[AtomicDataDict.TOTAL_ENERGY_KEY].clone().reshape(-1)
+        with torch.inference_mode(False), torch.enable_grad():
+            out = model(data)
+        e = out[AtomicDataDict.TOTAL_ENERGY_KEY].detach().reshape(-1)
+        yield {"energy_residual": y.to(e.dtype) - e,
+               "force_var": force_variance_sum(out[K.FORCES_COVARIANCE_KEY].detach(), out[AtomicDataDict.BATCH_KEY],
+                                               AtomicDataDict.num_frames(out))}
 
 
 def level_columns(model: torch.nn.Module, batches: Iterable[dict], device=None):
@@ -129,7 +163,7 @@ class NoveltyFitCallback(Callback):
 
 # ------------------------------------------------------------------ command for existing checkpoints
 def _xyz_batches(path: str, model, r_max: float, type_names: List[str], batch_size: int = 16,
-                 forces_key: str = "REF_forces"):
+                 forces_key: str = "REF_forces", energy_key: str = "REF_energy"):
     import ase.io
     from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase
     from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
@@ -140,14 +174,16 @@ def _xyz_batches(path: str, model, r_max: float, type_names: List[str], batch_si
     if missing:
         raise ValueError(f"{path}: frames {missing[:5]} lack the reference forces '{forces_key}' (--forces-key)")
     mapping = {forces_key: AtomicDataDict.FORCE_KEY} if forces_key != AtomicDataDict.FORCE_KEY else {}
+    if energy_key != AtomicDataDict.TOTAL_ENERGY_KEY:
+        mapping[energy_key] = AtomicDataDict.TOTAL_ENERGY_KEY  # reference energies: the stored energy length
     for i in range(0, len(frames), batch_size):
-        graphs = [compute_neighborlist_(mapper(from_ase(a, key_mapping=mapping, include_keys=[forces_key])), r_max=r_max)
+        graphs = [compute_neighborlist_(mapper(from_ase(a, key_mapping=mapping, include_keys=[forces_key, energy_key])), r_max=r_max)
                   for a in frames[i : i + batch_size]]
         yield AtomicDataDict.batched_from_list(graphs)
 
 
 def fit_checkpoint(ckpt: str, train: str, val: Optional[str], out: Optional[str] = None,
-                   forces_key: str = "REF_forces") -> dict:
+                   forces_key: str = "REF_forces", energy_key: str = "REF_energy") -> dict:
     """Fit the novelty buffers of a NequIP checkpoint on extxyz files and write them into ``out``."""
     from nequip.model.saved_models.load_utils import load_saved_model
     from nequip.utils.global_state import set_global_state
@@ -160,7 +196,7 @@ def fit_checkpoint(ckpt: str, train: str, val: Optional[str], out: Optional[str]
     type_names = str(model.metadata[TYPE_NAMES_KEY]).split(" ")
     if not fit_model_novelty(
         model, _xyz_batches(train, model, r_max, type_names, forces_key=forces_key),
-        _xyz_batches(val, model, r_max, type_names, forces_key=forces_key) if val else None
+        _xyz_batches(val, model, r_max, type_names, forces_key=forces_key, energy_key=energy_key) if val else None
     ):
         raise ValueError(f"{ckpt}: the model has no e2ip head with novelty enabled (uq_head.novelty.enabled)")
     head = novelty_head(model)
@@ -181,9 +217,16 @@ def fit_checkpoint(ckpt: str, train: str, val: Optional[str], out: Optional[str]
                 written += 1
     if written == 0:
         raise KeyError(f"{ckpt}: no e2ip head in the checkpoint state dict")
+    energy = energy_head(model)
+    if energy is not None:  # issue 15: the stored energy length (added if the checkpoint predates it)
+        key = f"{ENERGY_MODULE_NAME}.energy.energy_noise_length"
+        targets = [k for k in sd if k.endswith(key)] or [k.split(".uq_head.")[0] + "." + key for k in sd if ".uq_head." in k]
+        for k in set(targets):
+            sd[k] = energy.energy.energy_noise_length.detach().clone()
     torch.save(state, out or ckpt)
     return {"ref": head.novelty.novelty_ref.tolist(), "calib": head.novelty.novelty_calib.tolist(),
-            "written": written, "type_names": type_names}
+            "written": written, "type_names": type_names,
+            "energy_length": energy.energy.length if energy is not None else float("nan")}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -193,10 +236,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--val", default=None, help="extxyz file of the validation structures (reference quantile)")
     ap.add_argument("--out", default=None, help="output checkpoint (default: overwrite --ckpt)")
     ap.add_argument("--forces-key", default="REF_forces", help="reference forces array of the extxyz files")
+    ap.add_argument("--energy-key", default="REF_energy", help="reference energy info key (energy length scale)")
     args = ap.parse_args(argv)
-    res = fit_checkpoint(args.ckpt, args.train, args.val, args.out, args.forces_key)
+    res = fit_checkpoint(args.ckpt, args.train, args.val, args.out, args.forces_key, args.energy_key)
     print(f"novelty fitted for types {res['type_names']}: s_ref = {[round(v, 3) for v in res['ref']]}, "
           f"stored calibration [c, beta] = {[round(v, 5) for v in res['calib']]}; "
+          f"energy length scale = {res['energy_length']:.5g} A; "
           f"wrote {res['written']} buffers to {args.out or args.ckpt}")
 
 

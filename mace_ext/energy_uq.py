@@ -1,0 +1,40 @@
+"""Energy uncertainty of E2IP MACE models: fit of the stored length scale on validation energies (issue 15).
+
+``energy_uncertainty`` = ℓ·sqrt(Σ_i tr U_tot,i/3) (eV, per structure) is computed inside the model
+(:class:`e2ip_plugins.energy_uq.EnergyUncertainty`, submodule ``e2ip_energy_uq``); ℓ̂² = mean_s r_E,s²/v_s
+over the validation structures (v_s = Σ_i tr U_tot,i/3 of the calibrated model), fitted by
+:func:`mace_ext.model.fit_novelty` right after the force level — i.e. by ``mace_run_train_e2ip`` before
+it saves the ``.model`` / ``_compiled.model`` files and by ``mace_fit_novelty_e2ip``.
+"""
+
+import logging
+from typing import Dict
+
+import torch
+
+from e2ip_plugins.energy_uq import fit_energy_length, force_variance_sum
+
+
+def fit_energy_noise(model: torch.nn.Module, valid_loaders, device=None) -> Dict[str, float]:
+    """Fit the stored energy length ℓ of ``energy_uncertainty`` on the validation energies (after the force
+    level, so the calibrated U_tot is used; :func:`e2ip_plugins.energy_uq.fit_energy_length`)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    res = fit_energy_length(model.e2ip_energy_uq, energy_columns(model, valid_loaders, device))
+    model.train(was_training)
+    logging.info("e2ip: energy length scale fitted on %d validation structures: l = %.4g A (val energy NLL %.4f)",
+                 int(res["structures"]), res["length"], res["nll"])
+    return res
+
+
+def energy_columns(model: torch.nn.Module, loaders, device):
+    """Yield per-structure validation energy residuals and Σ_i tr U_tot,i/3 (structures with an energy)."""
+    for loader in loaders:
+        for batch in loader:
+            data = batch.to(device).to_dict()
+            out = model(data, training=False, compute_force=True)
+            num = data["ptr"].numel() - 1
+            keep = data["energy_weight"].reshape(-1) > 0 if "energy_weight" in data else torch.ones(num, dtype=torch.bool, device=out["energy"].device)
+            yield {"energy_residual": (data["energy"] - out["energy"]).detach()[keep],
+                   "force_var": force_variance_sum(out["forces_covariance"].detach(), data["batch"], num)[keep]}
