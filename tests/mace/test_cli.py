@@ -293,3 +293,28 @@ def test_stored_calibration_fitted_on_validation_and_applied(trained, f64, tmp_p
         u = got["forces_uncertainty"]
         assert got["forces_uncertainty_max"] == pytest.approx(u.max()) and got["forces_uncertainty_mean"] == pytest.approx(u.mean())
         assert {"forces_uncertainty_max", "forces_uncertainty_mean"} <= set(calc.implemented_properties)
+
+
+def test_energy_length_fitted_on_validation_and_in_compiled(trained, f64):
+    """(issue 15) the run stored ℓ fitted on the 8 validation structures (after the force level); the eager
+    .model and its _compiled.model report the same energy_uncertainty = ℓ·sqrt(Σ tr U_tot/3)."""
+    from mace_ext import E2IPMACECalculator
+
+    from .helpers import first_molecule
+
+    proc, work, head = trained
+    name = "iso7_e2ip" if head == "e2ip" else "iso7_eip"
+    eager = torch.load(str(work / f"{name}.model"), weights_only=False)
+    ell, n_fit = eager.e2ip_energy_uq.energy_noise_length.tolist()
+    assert n_fit == 8 and ell > 0 and ell != pytest.approx(0.1)
+    assert "e2ip: energy length scale fitted on 8 validation structures" in proc.stdout + proc.stderr
+    values = []
+    for models in ([eager], [torch.jit.load(str(work / f"{name}_compiled.model"))]):
+        calc = E2IPMACECalculator(models=models, device="cpu", default_dtype="float64")
+        atoms = first_molecule()
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        tr = np.trace(calc.results["forces_covariance"], axis1=-2, axis2=-1).sum() / 3.0
+        assert calc.results["energy_uncertainty"] == pytest.approx(ell * np.sqrt(tr), rel=1e-6)
+        values.append(calc.results["energy_uncertainty"])
+    assert values[1] == pytest.approx(values[0], rel=1e-8)

@@ -47,7 +47,7 @@ ENV = {
 SLOW = os.environ.get("E2IP_SLOW_TESTS", "") not in ("", "0")
 
 COV_KEYS = list(K.COVARIANCE_KEYS)
-E2IP_KEYS = COV_KEYS + [K.FORCES_UNCERTAINTY_KEY]
+E2IP_KEYS = COV_KEYS + [K.FORCES_UNCERTAINTY_KEY, K.ENERGY_UNCERTAINTY_KEY]
 # tolerance for a float64 model: NequIP's own float64 tolerance for eager-vs-compiled checks
 # (nequip/utils/dtype.py: floating_point_tolerance, used by nequip-compile and its ASE integration tests)
 TOL64 = 1e-12
@@ -275,6 +275,27 @@ def test_stored_calibration_applied_by_every_output_path(artefacts, calcs, molec
         u = res[K.FORCES_UNCERTAINTY_KEY]
         assert res["forces_uncertainty_max"] == pytest.approx(u.max()) and res["forces_uncertainty_mean"] == pytest.approx(u.mean())
         assert {"forces_uncertainty_max", "forces_uncertainty_mean"} <= set(calc.implemented_properties)
+
+
+def test_energy_uncertainty_stored_length_every_path(artefacts, calcs, molecule):
+    """(issue 15) ``nequip-train`` (NoveltyFitCallback) stored ℓ fitted on the validation energies; checkpoint,
+    package and AOTI calculators all report σ_E = ℓ·sqrt(Σ_i tr U_tot,i/3), invariant under rotation."""
+    sd = torch.load(artefacts["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    stored = [v for k, v in sd.items() if k.endswith("uq_energy.energy.energy_noise_length")]
+    assert len(stored) == 1
+    ell, n_fit = (float(v) for v in stored[0])
+    n_val = len(ase.io.read(DATA / "iso7_val.xyz", ":"))
+    assert n_fit == n_val and ell > 0 and ell != 0.1, (ell, n_fit)
+    R = _rotation(3)
+    rotated = molecule.copy()
+    rotated.positions = molecule.positions @ R.T
+    for name, calc in calcs.items():
+        calc.reset()
+        res = _results(calc, molecule)
+        formula = ell * np.sqrt(np.trace(res[K.FORCES_COVARIANCE_KEY], axis1=-2, axis2=-1).sum() / 3.0)
+        assert float(res[K.ENERGY_UNCERTAINTY_KEY]) == pytest.approx(formula, rel=1e-10), name
+        rot = _results(calc, rotated)
+        assert float(rot[K.ENERGY_UNCERTAINTY_KEY]) == pytest.approx(formula, rel=ROT_TOL * 100), name
 
 
 @pytest.mark.parametrize("which", ["checkpoint", "compiled"])
