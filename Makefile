@@ -18,14 +18,14 @@ $(MACE_VENV)/.e2ip-installed: pyproject.toml
 	$(PYTHON) -m venv $(MACE_VENV)
 	$(MACE_VENV)/bin/python -m pip install -q --upgrade pip
 	$(MACE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(MACE_VENV)/bin/python -m pip install -q -e ".[mace,wandb,dev]" "$(TORCH_SPEC)"
+	$(MACE_VENV)/bin/python -m pip install -q -e ".[mace,wandb,dev,xtb]" "$(TORCH_SPEC)"
 	touch $@
 
 $(NEQUIP_VENV)/.e2ip-installed: pyproject.toml
 	$(PYTHON) -m venv $(NEQUIP_VENV)
 	$(NEQUIP_VENV)/bin/python -m pip install -q --upgrade pip
 	$(NEQUIP_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(NEQUIP_VENV)/bin/python -m pip install -q -e ".[nequip,wandb,dev]" "$(TORCH_SPEC)"
+	$(NEQUIP_VENV)/bin/python -m pip install -q -e ".[nequip,wandb,dev,xtb]" "$(TORCH_SPEC)"
 	touch $@
 
 test-mace: $(MACE_VENV)/.e2ip-installed

@@ -1,0 +1,108 @@
+"""Selection of structures to label, and the committee calculator of the committee selector.
+
+Score of a candidate frame: the per-structure max u = max_i sqrt(tr U_i / 3) (eV/Å) of the exploring
+calculator — the e²IP epistemic covariance (selector ``e2ip``) or the committee's 3×3 sample covariance
+U_i = 1/(K−1) Σ_k (F_ik − F̄_i)(F_ik − F̄_i)ᵀ (selector ``committee``). Frames with
+trust_lo ≤ score < trust_hi are candidates; they are taken in decreasing score, skipping any frame
+closer than ``min_distance`` to one already taken, until the budget is met. Selector ``random``
+draws candidates uniformly from all explored frames (no band) with the same duplicate rule.
+
+Duplicate descriptor: the sorted vector of all interatomic distances d(A) (invariant to rotation,
+translation and permutation of like atoms), distance D(A, B) = sqrt(mean_k (d_k(A) − d_k(B))²) in Å;
+frames with different compositions are never duplicates.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+
+from e2ip_plugins.ensemble import STRUCTURE_KEYS, structure_uncertainty_results
+
+
+def descriptor(atoms) -> np.ndarray:
+    """Sorted interatomic distances (Å), minimum-image for periodic cells."""
+    n = len(atoms)
+    if n < 2:
+        return np.zeros(0)
+    d = atoms.get_all_distances(mic=bool(np.any(atoms.pbc)))
+    return np.sort(d[np.triu_indices(n, 1)])
+
+
+def descriptor_distance(a, b) -> float:
+    """D(A, B) of the module docstring (inf for different compositions)."""
+    if sorted(a.get_atomic_numbers().tolist()) != sorted(b.get_atomic_numbers().tolist()):
+        return float("inf")
+    da, db = descriptor(a), descriptor(b)
+    return float(np.sqrt(np.mean((da - db) ** 2))) if da.size else 0.0
+
+
+def select_frames(frames: Sequence, scores: np.ndarray, budget: int, min_distance: float, trust_lo: float,
+                  trust_hi: float, random_seed: Optional[int] = None) -> List[int]:
+    """Indices of the frames to label (module docstring); ``random_seed`` set = the random selector."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if random_seed is None:
+        ok = np.flatnonzero((scores >= trust_lo) & (scores < trust_hi) & np.isfinite(scores))
+        order = ok[np.argsort(-scores[ok], kind="stable")]
+    else:
+        order = np.random.default_rng(random_seed).permutation(len(frames))
+    taken: List[int] = []
+    descs: List[np.ndarray] = []
+    comps: List[list] = []
+    for i in order:
+        if len(taken) >= budget:
+            break
+        d = descriptor(frames[i])
+        comp = sorted(frames[i].get_atomic_numbers().tolist())
+        dup = any(c == comp and np.sqrt(np.mean((d - e) ** 2)) < min_distance for c, e in zip(comps, descs))
+        if not dup:
+            taken.append(int(i))
+            descs.append(d)
+            comps.append(comp)
+    return taken
+
+
+class CommitteeCalculator(Calculator):
+    """ASE calculator over K member calculators: mean energy and forces, and the members' 3×3 force sample
+    covariance as ``forces_covariance`` (= ``forces_covariance_epistemic``), ``forces_uncertainty``
+    u_i = sqrt(tr U_i / 3), ``forces_uncertainty_max/_mean``, ``forces_committee`` (K, N, 3)."""
+
+    implemented_properties = ["energy", "forces", "forces_covariance", "forces_covariance_epistemic",
+                              "forces_uncertainty", "forces_committee", *STRUCTURE_KEYS]
+
+    def __init__(self, members: Sequence[Calculator], **kwargs):
+        super().__init__(**kwargs)
+        if len(members) < 2:
+            raise ValueError("a committee needs at least two members")
+        self.members = list(members)
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        energies, forces = [], []
+        for calc in self.members:
+            a = self.atoms.copy()
+            a.calc = calc
+            energies.append(float(a.get_potential_energy()))
+            forces.append(np.array(a.get_forces(), dtype=np.float64))
+        f = np.stack(forces)  # (K, N, 3)
+        dev = f - f.mean(0)
+        cov = np.einsum("kia,kib->iab", dev, dev) / (len(self.members) - 1)
+        u = np.sqrt(np.clip(np.trace(cov, axis1=1, axis2=2) / 3.0, 0.0, None))
+        self.results = {"energy": float(np.mean(energies)), "free_energy": float(np.mean(energies)),
+                        "forces": f.mean(0), "forces_covariance": cov, "forces_covariance_epistemic": cov.copy(),
+                        "forces_uncertainty": u, "forces_committee": f,
+                        **{k: float(v) for k, v in structure_uncertainty_results(u).items()}}
+
+
+def frame_scores(frames: Sequence) -> np.ndarray:
+    """``forces_uncertainty_max`` of frames written by the MD monitor."""
+    return np.array([float(a.info["forces_uncertainty_max"]) for a in frames], dtype=np.float64)
+
+
+def band_counts(scores: np.ndarray, trust_lo: float, trust_hi: float) -> Dict[str, int]:
+    """How many frames fall in each trust band."""
+    s = np.asarray(scores)
+    return {"accurate": int((s < trust_lo).sum()), "candidate": int(((s >= trust_lo) & (s < trust_hi)).sum()),
+            "stop": int((s >= trust_hi).sum())}

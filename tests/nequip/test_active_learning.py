@@ -1,0 +1,47 @@
+"""``e2ip-active-learning`` end to end with NequIP (issue 14): real ``nequip-train`` on the shipped
+``configs/nequip/e2ip.yaml``, real MD, GFN2-xTB labels, fine-tuning from the previous iteration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests import al_checks as al
+
+pytest.importorskip("tblite.ase", reason="the active-learning tests label with GFN2-xTB: needs tblite (pip install 'e2ip[xtb]')")
+
+ARGS = ["run=[train]", "max_epochs=1", "batch_size=5"]
+
+
+def test_loop_end_to_end_with_finetuning(tmp_path):
+    cfg = al.workspace(tmp_path, "nequip", str(al.REPO / "configs" / "nequip" / "e2ip.yaml"), ARGS,
+                       train={"config": str(al.REPO / "configs" / "nequip" / "e2ip.yaml"), "args": ARGS, "mode": "finetune"},
+                       label={"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}})
+    work = tmp_path / "work"
+    res = al.run(cfg, work)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rep0 = al.check_finished_run(work, iterations=1, budget=3, selector="e2ip")
+    assert rep0["labelled"] == rep0["selected"] == 3
+    assert rep0["models"][0].endswith("best.ckpt")
+    # iteration 1 fine-tunes from iteration 0's checkpoint through NequIP's ModelFromCheckpoint
+    cmd0 = (work / "iter_0" / "train" / "member_0" / "train.log").read_text().splitlines()[0]
+    cmd1 = (work / "iter_1" / "train" / "member_0" / "train.log").read_text().splitlines()[0]
+    assert "ModelFromCheckpoint" not in cmd0
+    assert "nequip.model.ModelFromCheckpoint" in cmd1 and rep0["models"][0] in cmd1
+    rep1 = json.loads((work / "iter_1" / "report.json").read_text())
+    assert rep1["train_frames"] == 13 and np.isfinite(rep1["held_out"]["test"]["model"]["forces_mae"])
+    # the selected frames carry the e2ip model's max u, highest first
+    new = [f for f in al.labelled(work) if f.info["al_iteration"] == 0]
+    scores = [f.info["al_score"] for f in new]
+    assert scores == sorted(scores, reverse=True) and min(scores) >= rep0["trust_lo"]
+
+
+def test_config_without_seed_is_refused(tmp_path):
+    bad = tmp_path / "noseed.yaml"
+    text = (al.REPO / "configs" / "nequip" / "e2ip.yaml").read_text().replace("seed: 123\n", "")
+    bad.write_text(text)
+    cfg = al.workspace(tmp_path, "nequip", str(bad), ARGS)
+    res = al.run(cfg, tmp_path / "work", timeout=120)
+    assert res.returncode == 2 and "top-level `seed:`" in res.stderr
