@@ -234,14 +234,15 @@ class CostRun:
     def run(self) -> Dict[str, Any]:
         a, prof = self.a, self.prof
         for dtype in a.dtype:
-            paths = [p for p in a.paths if p == "eager" or prof["deployed_atoms"]]
+            deployed_atoms = a.deployed_atoms or prof["deployed_atoms"]
+            paths = [p for p in a.paths if p == "eager" or deployed_atoms]
             arts = self.build(dtype, "deployed" in paths)
             base = {"dtype": dtype, "artifacts": arts}
             for n in a.atoms or prof["atoms"]:
                 struct = self.structure(n)
                 for path in paths:
                     if path == "deployed" and ("compiled" not in arts["plain"] or "compiled" not in arts["e2ip"]
-                                               or n not in (a.deployed_atoms or prof["deployed_atoms"])):
+                                               or n not in deployed_atoms):
                         continue
                     tag = f"time_{dtype}_{n}_{path}"
                     r = self.probe("time", {**base, "structure": struct, "path": path, "repeats": a.repeats
@@ -261,6 +262,30 @@ class CostRun:
         path.write_text(json.dumps(self.results, indent=1))
         log(f"wrote {path}")
         return self.results
+
+
+def collect(run_dir: Path, backbone: str, profile: str, threads: int) -> Dict[str, Any]:
+    """Rebuild a results dict from the probe logs of a (possibly interrupted) run directory ``<out>/<backbone>``:
+    every probe that finished is kept, the rest is simply absent."""
+    def parse(path: Path) -> Dict[str, Any]:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.startswith("COSTPROBE ")]
+        return {"result": json.loads(lines[-1][len("COSTPROBE "):])} if lines else {"reason": "interrupted"}
+
+    res: Dict[str, Any] = {"backbone": backbone, "profile": profile, "device": "cpu", "threads": threads,
+                           "settings": COST_PROFILES[profile]["backbones"][backbone], "inference": [], "training": [],
+                           "memory": [], "collected_from": str(run_dir)}
+    for f in sorted(run_dir.glob("time_*.log")):
+        _, dtype, n, path = f.stem.split("_")
+        res["inference"].append({"dtype": dtype, "atoms_requested": int(n), "path": path, **parse(f)})
+    for f in sorted(run_dir.glob("mem_*_plain.log")):
+        _, dtype, n, path, _ = f.stem.split("_")
+        e2ip = f.with_name(f.name.replace("_plain.log", "_e2ip.log"))
+        if e2ip.exists():
+            res["memory"].append({"dtype": dtype, "atoms_requested": int(n), "path": path, "plain": parse(f),
+                                  "e2ip": parse(e2ip)})
+    for f in sorted(run_dir.glob("train_*.log")):
+        res["training"].append({"dtype": f.stem.split("_")[1], **parse(f)})
+    return res
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -330,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-file", type=Path, default=DEV_FILE)
     p.add_argument("--out", default="cost_out")
     p.add_argument("--report", nargs="+", default=None, help="cost_<backbone>.json files: write report.md + cost.json")
+    p.add_argument("--collect", default=None, help="run directory <out>/<backbone>: rebuild cost_<backbone>.json "
+                   "from its probe logs (interrupted runs)")
     return p
 
 
@@ -340,6 +367,11 @@ def main(argv=None) -> None:
         return
     if not a.backbone:
         raise SystemExit("--backbone is required (or --report)")
+    if a.collect:
+        out = Path(a.out) / f"cost_{a.backbone}.json"
+        out.write_text(json.dumps(collect(Path(a.collect), a.backbone, a.profile, a.threads), indent=1))
+        log(f"wrote {out}")
+        return
     CostRun(a).run()
 
 
