@@ -5,8 +5,8 @@
 
 Data (``benchmarks.data.write_splits`` on ``../shared/data``, split seed 0): the initial labelled set is
 ``--initial`` frames of the in-distribution training pool, validation ``--n-val`` frames of its
-validation pool, held-out sets the test split (100) and both out-of-distribution files (100 each,
-strided). MD starts: the first training frame of every in-distribution isomer. Labels: GFN2-xTB
+validation pool, held-out sets ``--n-held-out`` (50) frames of the test split and of each
+out-of-distribution file (strided). MD starts: the first training frame of every in-distribution isomer. Labels: GFN2-xTB
 (``tblite``), the method of the shipped data. Every loop gets the same budgets, band rule, MD settings
 and seeds; the committee's members are plain MACE models of the same backbone (``mace_run_train``).
 Band rule (chosen before any run, from validation data only): trust_lo = median max u of the
@@ -40,7 +40,8 @@ def prepare(args, out: Path) -> dict:
     data_dir = Path(args.data_dir)
     man = write_splits(str(data_dir / "iso7_dev_id.xyz"), {"ood_mol": str(data_dir / "iso7_dev_ood_mol.xyz"),
                                                             "ood_hot": str(data_dir / "iso7_dev_ood_hot.xyz")},
-                       out / "data", SplitSpec(seed=0), n_train=250, n_val=args.n_val, n_test=100, n_ood=100,
+                       out / "data", SplitSpec(seed=0), n_train=250, n_val=args.n_val, n_test=args.n_held_out,
+                       n_ood=args.n_held_out,
                        sweep_sizes=[args.initial])
     seen, starts = set(), []
     for a in ase.io.read(man["files"]["train"], ":"):
@@ -80,7 +81,8 @@ def al_config(args, out: Path, man: dict, selector: str, seed: int) -> Path:
 def run_all(args, out: Path, man: dict) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     exe = str(Path(sys.executable).parent / "e2ip-active-learning")
-    jobs = [(sel, seed) for seed in args.seeds for sel in args.selectors]
+    # the committee loops take longest: start them first
+    jobs = sorted([(sel, seed) for seed in args.seeds for sel in args.selectors], key=lambda j: (j[0] != "committee", j[1]))
     running = []
     while jobs or running:
         while jobs and len(running) < args.jobs:
@@ -111,7 +113,7 @@ def report(args, out: Path) -> str:
              f"Initial {args.initial} frames, {args.iterations} iterations × {args.budget} labels, committee of "
              f"{args.committee_size} plain models, MD {args.steps} steps × {len(args.temperatures)} temperatures "
              f"{args.temperatures} K from 5 isomers, GFN2-xTB labels. Force MAE (eV/Å) of the loop's model "
-             "(committee: member 0) on held-out sets, mean ± std over seeds.", "",
+             "(committee: member 0) on held-out sets, mean ± std over seeds; CPU seconds per iteration (mean over seeds).", "",
              "| iteration | selector | train frames | " + " | ".join(f"{s} MAE" for s in sets) +
              " | CPU s train | explore | select | label | CPU s total |",
              "|---|---|---|" + "---|" * len(sets) + "---|---|---|---|---|"]
@@ -157,12 +159,13 @@ def main(argv=None):
     p.add_argument("--budget", type=int, default=50)
     p.add_argument("--initial", type=int, default=50)
     p.add_argument("--n-val", type=int, default=50)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--n-held-out", type=int, default=50, help="frames of the test split and of each OOD file")
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--committee-size", type=int, default=4)
     p.add_argument("--temperatures", type=float, nargs="+", default=[500.0, 1000.0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--interval", type=int, default=10)
-    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()

@@ -19,7 +19,6 @@ import yaml
 
 from e2ip_plugins.active_learning.config import ALConfigError
 from e2ip_plugins.active_learning.trainers import executable
-from e2ip_plugins.md.registry import MDConfigError
 
 from .md import ADAPTER as MD_ADAPTER
 
@@ -62,16 +61,15 @@ class NequIPTrainer:
             raise RuntimeError(f"nequip-train wrote no checkpoint in {run_dir}; see {run_dir / 'train.log'}")
         return found[0]
 
-    def open(self, model_file, device: str = "cpu"):
-        try:
+    def open(self, model_file, device: str = "cpu", plain: bool = False):
+        """e2ip models: ``E2IPNequIPCalculator`` (covariance keys); ``plain`` (committee members, which need
+        only energy and forces): NequIP's own calculator."""
+        if not plain:
             return MD_ADAPTER.open(model_file, device=device)
-        except (MDConfigError, KeyError, ValueError):  # a plain NequIP model (committee member)
-            from nequip.integrations.ase import NequIPCalculator
+        from nequip.integrations.ase import NequIPCalculator
 
-            # NequIP 0.19.1 has no public eager loader for plain models (benchmarks/README.md)
-            return NequIPCalculator._from_saved_model(str(model_file), device=device,
-                                                      chemical_species_to_atom_type_map=True)
-
+        # NequIP 0.19.1 has no public eager loader for plain models (benchmarks/README.md)
+        return NequIPCalculator._from_saved_model(str(model_file), device=device, chemical_species_to_atom_type_map=True)
 
 TRAINER = NequIPTrainer()
 

@@ -5,6 +5,7 @@ Every key, with its default (paths are relative to the YAML file's directory)::
     framework: mace                 # mace | nequip: which trainer adapter (``e2ip.trainers`` entry points)
     seed: 0                         # seeds training (member k of a committee: seed + k), MD and random selection
     iterations: 2                   # label rounds; the loop trains iterations + 1 times (the last one to evaluate)
+    final_train: true               # false: stop after the last labels (no final training and evaluation)
     device: cpu
     data:
       initial: initial.xyz          # labelled frames to start from (required)
@@ -58,6 +59,7 @@ DEFAULTS: Dict[str, Any] = {
     "framework": "mace",
     "seed": 0,
     "iterations": 2,
+    "final_train": True,
     "device": "cpu",
     "data": {"initial": None, "valid": None, "held_out": {}, "energy_key": "REF_energy", "forces_key": "REF_forces"},
     "train": {"config": None, "args": [], "mode": "scratch"},
@@ -143,6 +145,10 @@ def load_config(path) -> Dict[str, Any]:
         raise ALConfigError(f"selector must be one of {', '.join(SELECTORS)}, got {cfg['selector']!r}")
     cfg["seed"] = _positive(cfg["seed"], "seed", integer=True, allow_zero=True)
     cfg["iterations"] = _positive(cfg["iterations"], "iterations", integer=True, allow_zero=True)
+    if not isinstance(cfg["final_train"], bool):
+        raise ALConfigError(f"final_train must be true or false, got {cfg['final_train']!r}")
+    if cfg["iterations"] == 0 and not cfg["final_train"]:
+        raise ALConfigError("iterations: 0 with final_train: false does nothing; set iterations >= 1")
     d = cfg["data"]
     d["initial"] = _path(base, d["initial"], "data.initial")
     d["valid"] = _path(base, d["valid"], "data.valid")
@@ -198,8 +204,8 @@ def load_config(path) -> Dict[str, Any]:
 
 def run_fingerprint(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The part of the config a resumed run must share with the run that started the work directory
-    (everything but ``iterations`` and ``wandb``, which may be raised / changed on resume)."""
+    (everything but ``iterations``, ``final_train`` and ``wandb``, which may change on resume)."""
     out = copy.deepcopy(cfg)
-    out.pop("iterations", None)
-    out.pop("wandb", None)
+    for key in ("iterations", "final_train", "wandb"):
+        out.pop(key, None)
     return out

@@ -2,8 +2,8 @@
 
 ``label.calculator: "tblite.ase:TBLite"`` and ``label.kwargs: {method: GFN2-xTB}`` build
 ``TBLite(method="GFN2-xTB")``. Each selected structure is labelled into its own file
-``<dir>/<index>.extxyz`` (energy in ``info[energy_key]``, forces in ``arrays[forces_key]``), written
-atomically, so a killed run resumes at the first structure without a file. A structure whose
+``<dir>/<index>.extxyz`` (energy in ``info[energy_key]``, forces in ``arrays[forces_key]``) by a fresh
+calculator, written atomically, so a killed run resumes at the first structure without a file. A structure whose
 calculation raises, or returns non-finite energy or forces, is skipped: ``<dir>/<index>.failed.json``
 records the error, and the rest are kept.
 """
@@ -40,6 +40,11 @@ def atomic_write_frames(path: Path, frames: Sequence) -> None:
         for atoms in frames:
             ase.io.write(fh, atoms, format="extxyz")
     os.replace(tmp, path)
+
+
+def _plain(value):
+    """JSON fallback for numpy scalars (ASE reads info integers as numpy types)."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def load_labeller(import_path: str, kwargs: Dict[str, Any]) -> Callable[[], Any]:
@@ -79,7 +84,6 @@ def label_frames(frames: Sequence, out_dir: Path, make_calc: Callable[[], Any], 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done: List = []
-    calc = None
     for i, atoms in enumerate(frames):
         ok_file, bad_file = out_dir / f"{i:05d}.extxyz", out_dir / f"{i:05d}.failed.json"
         if ok_file.is_file():
@@ -89,9 +93,9 @@ def label_frames(frames: Sequence, out_dir: Path, make_calc: Callable[[], Any], 
             continue
         target = _bare(atoms)
         try:
-            if calc is None:
-                calc = make_calc()
-            target.calc = calc
+            # a fresh calculator per structure: a label never depends on which structures came before it
+            # (e.g. an SCF started from the previous density), so a resumed run labels exactly as an uninterrupted one
+            target.calc = make_calc()
             energy = float(target.get_potential_energy())
             forces = np.array(target.get_forces(), dtype=np.float64)
             if not (math.isfinite(energy) and np.isfinite(forces).all()):
@@ -99,9 +103,8 @@ def label_frames(frames: Sequence, out_dir: Path, make_calc: Callable[[], Any], 
                                          f"{int((~np.isfinite(forces)).sum())} non-finite force components")
         except Exception as err:  # noqa: BLE001 - any labeller failure: skip this structure, keep the rest
             msg = f"{type(err).__name__}: {err}"
-            atomic_write_text(bad_file, json.dumps({"index": i, "error": msg, **info[i]}, indent=2) + "\n")
+            atomic_write_text(bad_file, json.dumps({"index": i, "error": msg, **info[i]}, indent=2, default=_plain) + "\n")
             log(f"label: structure {i} skipped ({msg})")
-            calc = None  # a calculator that failed may hold a broken state
             continue
         labelled = _bare(atoms)
         labelled.info.update(info[i])

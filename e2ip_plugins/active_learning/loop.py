@@ -115,6 +115,7 @@ class ActiveLearningLoop:
         done = self.dir / f"iter_{k}" / f"{name}.done.json"
         if done.is_file():
             return read_json(done)
+        self._ran = True
         import resource
 
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -131,7 +132,7 @@ class ActiveLearningLoop:
         n = self.cfg["iterations"] if iterations is None else iterations
         previous: List[str] = []
         summary = []
-        for k in range(n + 1):
+        for k in range(n + 1 if self.cfg["final_train"] else n):
             rec = self.iteration(k, last=(k == n), previous=previous)
             previous = rec["train"]["models"]
             summary.append(rec)
@@ -143,6 +144,7 @@ class ActiveLearningLoop:
         cfg, idir = self.cfg, self.dir / f"iter_{k}"
         idir.mkdir(parents=True, exist_ok=True)
         recs: Dict[str, Any] = {"iteration": k}
+        self._ran = False
 
         def train():
             train_file = idir / "train.extxyz"
@@ -159,19 +161,26 @@ class ActiveLearningLoop:
         models = recs["train"]["models"]
         recs["evaluate"] = self._step(k, "evaluate", lambda: {"held_out": evaluate(self.trainer, models, self.held_out, cfg)})
         if not last:
-            calc = open_explorer(self.trainer, models, cfg["device"])
-            recs["bands"] = self._step(k, "bands", lambda: self._bands(calc))
+            opened: Dict[str, Any] = {}
+
+            def calc():  # opened only if a step that needs it runs
+                if "calc" not in opened:
+                    opened["calc"] = open_explorer(self.trainer, models, cfg["device"])
+                return opened["calc"]
+
+            recs["bands"] = self._step(k, "bands", lambda: self._bands(calc()))
             lo, hi = recs["bands"]["trust_lo"], recs["bands"]["trust_hi"]
             recs["explore"] = self._step(k, "explore", lambda: {"runs": explore(
-                calc, cfg, k, self.starts, lo, hi, idir / "explore", self.log, self._variance_fn(calc))})
+                calc(), cfg, k, self.starts, lo, hi, idir / "explore", self.log, self._variance_fn(calc()))})
             recs["select"] = self._step(k, "select", lambda: self._select(k, idir, recs["explore"]["runs"], lo, hi))
             recs["label"] = self._step(k, "label", lambda: self._label(k, idir))
             recs["append"] = self._step(k, "append", lambda: self._append(k))
-        write_report(idir, recs, cfg, self.log)
-        if cfg.get("wandb"):
-            from .report import log_wandb
+        if self._ran or not (idir / "report.json").is_file():  # a resumed, finished iteration is not re-reported
+            write_report(idir, recs, cfg, self.log)
+            if cfg.get("wandb"):
+                from .report import log_wandb
 
-            log_wandb(self.dir, cfg, recs)
+                log_wandb(self.dir, cfg, recs)
         return recs
 
     def _variance_fn(self, calc):

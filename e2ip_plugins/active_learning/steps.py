@@ -23,7 +23,7 @@ def read_json(path: Path):
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=float) + "\n")
+    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -61,8 +61,9 @@ def train_models(trainer, cfg: Dict[str, Any], iteration: int, train_file: Path,
 
 def open_explorer(trainer, models: Sequence[str], device: str):
     """The calculator that drives MD and scores frames: the model itself, or the committee of the members."""
-    calcs = [trainer.open(m, device=device) for m in models]
-    return calcs[0] if len(calcs) == 1 else CommitteeCalculator(calcs)
+    if len(models) == 1:
+        return trainer.open(models[0], device=device)
+    return CommitteeCalculator([trainer.open(m, device=device, plain=True) for m in models])
 
 
 # ------------------------------------------------------------------------------------------- evaluate
@@ -97,7 +98,7 @@ def evaluate(trainer, models: Sequence[str], held_out: Dict[str, Sequence], cfg:
     """Held-out errors after training: the single model (``model``) — for a committee member 0, the single
     model a user would deploy — and, for committees, the committee mean (``committee_mean``)."""
     ek, fk = cfg["data"]["energy_key"], cfg["data"]["forces_key"]
-    calcs = [trainer.open(m, device=cfg["device"]) for m in models]
+    calcs = [trainer.open(m, device=cfg["device"], plain=len(models) > 1) for m in models]
     return {name: force_errors(calcs, frames, ek, fk) for name, frames in held_out.items()}
 
 

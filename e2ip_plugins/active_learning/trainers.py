@@ -8,7 +8,7 @@ an ASE calculator; the loop runs the command as a subprocess. Protocol::
     check(config_path, committee: bool) -> None      # ALConfigError when the user's config cannot be used
     command(config_path, train_file, valid_file, run_dir, seed, args, init_model, committee) -> list[str]
     model_file(run_dir) -> Path                      # the trained model the command left in run_dir
-    open(model_file, device) -> ase Calculator       # e2ip models with the covariance keys; plain models plain
+    open(model_file, device, plain=False) -> ase Calculator   # e2ip covariance keys; plain=True: energy, forces
 """
 
 from __future__ import annotations

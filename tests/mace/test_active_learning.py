@@ -93,6 +93,7 @@ def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, where):
 
         def when():
             return False
+    cfg = al.variant(cfg, f"al_kill_{where}.yaml", final_train=False)  # the labelled set is complete without it
     status = al.run_and_kill(cfg, work, when, **extra)
     assert status != 0  # it was killed
     assert not (work / "iter_0" / f"{where}.done.json").exists(), f"the kill came after {where} had finished"
@@ -109,16 +110,16 @@ def test_committee_selector_scores_are_the_members_sample_covariance(tmp_path):
 
     e2ip_cfg, plain_cfg = _configs(tmp_path)
     cfg = al.workspace(tmp_path, "mace", e2ip_cfg, [], selector="committee",
-                       committee={"size": 2, "config": plain_cfg}, iterations=1,
+                       committee={"size": 2, "config": plain_cfg}, iterations=1, final_train=False,
                        label={"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}})
     work = tmp_path / "work"
     res = al.run(cfg, work)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    al.check_finished_run(work, iterations=1, budget=3, selector="committee")
+    al.check_finished_run(work, iterations=1, budget=3, selector="committee", final_train=False)
     log = (work / "iter_0" / "train" / "member_1" / "train.log").read_text().splitlines()[0]
-    assert "mace_run_train " in log + " " and "--seed 1" in log  # plain MACE, member seed = seed + 1
+    assert "/mace_run_train --config" in log and "--seed 1" in log  # plain MACE, member seed = seed + 1
     models = json.loads((work / "iter_0" / "train.done.json").read_text())["models"]
-    committee = CommitteeCalculator([TRAINER.open(m) for m in models])
+    committee = CommitteeCalculator([TRAINER.open(m, plain=True) for m in models])
     rep = json.loads((work / "iter_0" / "report.json").read_text())
     assert "committee_mean" in rep["held_out"]["test"]
     for frame in [f for f in al.labelled(work) if f.info["al_iteration"] == 0]:
@@ -128,9 +129,10 @@ def test_committee_selector_scores_are_the_members_sample_covariance(tmp_path):
         assert frame.info["al_score"] == pytest.approx(committee.results["forces_uncertainty_max"], rel=1e-5)
 
 
-def test_random_selector_and_a_labeller_that_raises(tmp_path):
+def test_random_selector_a_labeller_that_raises_and_finetuning(tmp_path):
     e2ip_cfg, _ = _configs(tmp_path)
     cfg = al.workspace(tmp_path, "mace", e2ip_cfg, [], selector="random", iterations=1,
+                       train={"config": e2ip_cfg, "args": [], "mode": "finetune"},
                        label={"calculator": "tests.al_labellers:RaisingXTB", "kwargs": {}},
                        select={"budget": 6, "trust_lo": {"quantile": 0.5}, "min_distance": 0.0})
     work = tmp_path / "work"
@@ -140,6 +142,10 @@ def test_random_selector_and_a_labeller_that_raises(tmp_path):
     assert lab["failed"] >= 1 and lab["labelled"] >= 1 and lab["labelled"] + lab["failed"] == 6
     assert "SCF did not converge" in res.stdout and "skipped" in res.stdout
     assert len(al.labelled(work)) == 10 + lab["labelled"]
+    # iteration 1 continues iteration 0's training (MACE restart from its epoch-0 checkpoint, one more epoch)
+    log1 = (work / "iter_1" / "train" / "member_0" / "train.log").read_text()
+    assert "--restart_latest --max_num_epochs 2" in log1.splitlines()[0]
+    assert "model_run-0_epoch-0.pt" in log1 and "Loaded Stage one model from epoch 1" in log1
 
 
 def test_empty_candidate_set_ends_the_iteration_with_a_message(tmp_path):
@@ -152,13 +158,14 @@ def test_empty_candidate_set_ends_the_iteration_with_a_message(tmp_path):
     assert len(al.labelled(work)) == 10
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"label": {"calculator": "no_such_module.ase:Calc", "kwargs": {}}}, "cannot import module 'no_such_module.ase'"),
-    ({"framework": "jax"}, "framework must be mace or nequip"),
+@pytest.mark.parametrize("framework, over, message", [
+    ("mace", {"label": {"calculator": "no_such_module.ase:Calc", "kwargs": {}}}, "cannot import module 'no_such_module.ase'"),
+    ("jax", {}, "framework must be mace or nequip"),
+    ("mace", {"data": {"initial": "val.xyz", "valid": "val.xyz", "forces_key": "DFT_forces"}}, "lacks info['REF_energy'] or arrays['DFT_forces']"),
 ])
-def test_bad_input_fails_at_start_up(tmp_path, over, message):
+def test_bad_input_fails_at_start_up(tmp_path, framework, over, message):
     e2ip_cfg, _ = _configs(tmp_path)
-    cfg = al.workspace(tmp_path, "mace", e2ip_cfg, [], **over)
+    cfg = al.workspace(tmp_path, framework, e2ip_cfg, [], **over)
     res = al.run(cfg, tmp_path / "work", timeout=120)
     assert res.returncode == 2 and message in res.stderr
     assert not (tmp_path / "work" / "iter_0").exists()
