@@ -69,7 +69,7 @@ def al_config(args, out: Path, man: dict, selector: str, seed: int) -> Path:
         "explore": {"structures": str(out / "data" / "starts.xyz"), "temperatures": args.temperatures,
                     "steps": args.steps, "interval": args.interval, "timestep": 0.5},
         "select": {"budget": args.budget, "trust_lo": {"quantile": 0.5}, "trust_hi": {"factor": 10.0},
-                   "min_distance": 0.02},
+                   "min_distance": 0.02, "order": args.band_order},
         "label": {"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}},
     }
     path = out / "al_configs" / f"{selector}_s{seed}.yaml"
@@ -166,6 +166,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--band-order", default="uncertainty", choices=("uncertainty", "random"),
+                   help="select.order of the e2ip/committee loops: decreasing max u, or DP-GEN's uniform draw in the band")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()

@@ -3,8 +3,9 @@
 Score of a candidate frame: the per-structure max u = max_i sqrt(tr U_i / 3) (eV/Å) of the exploring
 calculator — the e²IP epistemic covariance (selector ``e2ip``) or the committee's 3×3 sample covariance
 U_i = 1/(K−1) Σ_k (F_ik − F̄_i)(F_ik − F̄_i)ᵀ (selector ``committee``). Frames with
-trust_lo ≤ score < trust_hi are candidates; they are taken in decreasing score, skipping any frame
-closer than ``min_distance`` to one already taken, until the budget is met. Selector ``random``
+trust_lo ≤ score < trust_hi are candidates; they are taken in decreasing score (``select.order:
+uncertainty``) or in a seeded random order (``random``, DP-GEN's choice), skipping any frame closer than
+``min_distance`` to one already taken, until the budget is met. Selector ``random``
 draws candidates uniformly from all explored frames (no band) with the same duplicate rule.
 
 Duplicate descriptor: the sorted vector of all interatomic distances d(A) (invariant to rotation,
@@ -40,12 +41,20 @@ def descriptor_distance(a, b) -> float:
 
 
 def select_frames(frames: Sequence, scores: np.ndarray, budget: int, min_distance: float, trust_lo: float,
-                  trust_hi: float, random_seed: Optional[int] = None) -> List[int]:
-    """Indices of the frames to label (module docstring); ``random_seed`` set = the random selector."""
+                  trust_hi: float, random_seed: Optional[int] = None, band_order: str = "uncertainty",
+                  band_seed: int = 0) -> List[int]:
+    """Indices of the frames to label (module docstring); ``random_seed`` set = the random selector (no band).
+
+    ``band_order``: ``uncertainty`` takes the band's candidates by decreasing score; ``random`` in a seeded
+    random order (``band_seed``; DP-GEN's uniform choice among its candidates).
+    """
     scores = np.asarray(scores, dtype=np.float64)
     if random_seed is None:
         ok = np.flatnonzero((scores >= trust_lo) & (scores < trust_hi) & np.isfinite(scores))
-        order = ok[np.argsort(-scores[ok], kind="stable")]
+        if band_order == "random":
+            order = ok[np.random.default_rng(band_seed).permutation(len(ok))]
+        else:
+            order = ok[np.argsort(-scores[ok], kind="stable")]
     else:
         order = np.random.default_rng(random_seed).permutation(len(frames))
     taken: List[int] = []

@@ -62,6 +62,7 @@ def test_config_defaults_and_paths(tmp_path):
     ({"label.calculator": "tblite"}, "import path 'module:Class'"),
     ({"train.mode": "resume"}, "train.mode must be scratch or finetune"),
     ({"explore.steps": 0}, "explore.steps must be"),
+    ({"select.order": "best"}, "select.order must be uncertainty or random"),
 ])
 def test_config_errors_say_what_to_change(tmp_path, over, message):
     with pytest.raises(ALConfigError, match=None) as err:
@@ -104,6 +105,12 @@ def test_select_band_budget_order_and_duplicates():
     r2 = select_frames(frames, scores, budget=4, min_distance=0.02, trust_lo=0, trust_hi=1, random_seed=3)
     assert r1 == r2 and len(r1) == 4 and not {5, 8} <= set(r1)
     assert band_counts(scores, 0.25, 1.5) == {"accurate": 2, "candidate": 6, "stop": 1}
+    # DP-GEN order: a seeded uniform draw among the band's candidates, duplicates still excluded
+    b1 = select_frames(frames, scores, budget=4, min_distance=0.02, trust_lo=0.25, trust_hi=1.5, band_order="random", band_seed=1)
+    b2 = select_frames(frames, scores, budget=4, min_distance=0.02, trust_lo=0.25, trust_hi=1.5, band_order="random", band_seed=1)
+    assert b1 == b2 and len(b1) == 4 and set(b1) <= {1, 2, 4, 5, 7, 8} and not {5, 8} <= set(b1)
+    draws = {tuple(select_frames(frames, scores, 4, 0.02, 0.25, 1.5, band_order="random", band_seed=s)) for s in range(10)}
+    assert len(draws) > 1
 
 
 def test_committee_calculator_is_the_sample_covariance():
