@@ -60,8 +60,7 @@ def prepare(args, out: Path) -> dict:
 def al_config(args, out: Path, man: dict, selector: str, seed: int) -> Path:
     cfg = {
         "framework": "mace", "seed": seed, "iterations": args.iterations,
-        "data": {"initial": man["sweep_files"][str(args.initial)] if str(args.initial) in man["sweep_files"]
-                 else man["sweep_files"][args.initial], "valid": man["files"]["val"],
+        "data": {"initial": man["sweep_files"][args.initial], "valid": man["files"]["val"],
                  "held_out": {k: man["files"][k] for k in ("test", "ood_mol", "ood_hot")}},
         "train": {"config": str(out / "configs" / "mace_e2ip.yaml"), "args": []},
         "selector": selector,

@@ -14,6 +14,8 @@ import torch
 
 from e2ip_plugins.energy_uq import fit_energy_length, force_variance_sum
 
+from .model import validation_outputs
+
 
 def fit_energy_noise(model: torch.nn.Module, valid_loaders, device=None) -> Dict[str, float]:
     """Fit the stored energy length ℓ of ``energy_uncertainty`` on the validation energies (after the force
@@ -30,11 +32,8 @@ def fit_energy_noise(model: torch.nn.Module, valid_loaders, device=None) -> Dict
 
 def energy_columns(model: torch.nn.Module, loaders, device):
     """Yield per-structure validation energy residuals and Σ_i tr U_tot,i/3 (structures with an energy)."""
-    for loader in loaders:
-        for batch in loader:
-            data = batch.to(device).to_dict()
-            out = model(data, training=False, compute_force=True)
-            num = data["ptr"].numel() - 1
-            keep = data["energy_weight"].reshape(-1) > 0 if "energy_weight" in data else torch.ones(num, dtype=torch.bool, device=out["energy"].device)
-            yield {"energy_residual": (data["energy"] - out["energy"]).detach()[keep],
-                   "force_var": force_variance_sum(out["forces_covariance"].detach(), data["batch"], num)[keep]}
+    for data, out in validation_outputs(model, loaders, device):
+        num = data["ptr"].numel() - 1
+        keep = data["energy_weight"].reshape(-1) > 0 if "energy_weight" in data else torch.ones(num, dtype=torch.bool, device=out["energy"].device)
+        yield {"energy_residual": (data["energy"] - out["energy"]).detach()[keep],
+               "force_var": force_variance_sum(out["forces_covariance"].detach(), data["batch"], num)[keep]}

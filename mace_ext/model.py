@@ -405,19 +405,23 @@ def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device
     return True
 
 
-def level_columns(model: torch.nn.Module, loaders, device):
-    """Yield the per-atom validation columns of :func:`e2ip_plugins.level.fit_stored_level` (full forward)."""
+def validation_outputs(model: torch.nn.Module, loaders, device):
+    """Yield ``(data, output)`` of the model's evaluation forward (with forces) over every validation batch."""
     for loader in loaders:
         for batch in loader:
             data = batch.to(device).to_dict()
-            out = model(data, training=False, compute_force=True)
-            yield {
-                "nu": out["e2ip_nu"], "kappa": out["e2ip_kappa"], "sigma0_inv": out["e2ip_sigma0_inv"],
-                "sigma0_logdet": out["e2ip_sigma0_logdet"], "residual": data["forces"] - out["forces"],
-                "ratio": out["e2ip_novelty"], "sigma0": out["e2ip_sigma0"], "frame": data["batch"],
-                "species": torch.argmax(data["node_attrs"], dim=-1),
-            }
+            yield data, model(data, training=False, compute_force=True)
 
+
+def level_columns(model: torch.nn.Module, loaders, device):
+    """Yield the per-atom validation columns of :func:`e2ip_plugins.level.fit_stored_level` (full forward)."""
+    for data, out in validation_outputs(model, loaders, device):
+        yield {
+            "nu": out["e2ip_nu"], "kappa": out["e2ip_kappa"], "sigma0_inv": out["e2ip_sigma0_inv"],
+            "sigma0_logdet": out["e2ip_sigma0_logdet"], "residual": data["forces"] - out["forces"],
+            "ratio": out["e2ip_novelty"], "sigma0": out["e2ip_sigma0"], "frame": data["batch"],
+            "species": torch.argmax(data["node_attrs"], dim=-1),
+        }
 
 __all__ = [
     "ATOM_LEVEL_KEYS", "COVARIANCE_KEYS", "E2IPConfigError", "E2IPMACE", "E2IPScaleShiftMACE", "EVIDENCE_KEYS",

@@ -37,14 +37,6 @@ class RaisingXTB(_XTB):
         super().calculate(atoms, properties, system_changes)
 
 
-class NaNXTB(_XTB):
-    """Returns NaN forces for every structure."""
-
-    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
-        self.results["forces"] = np.full_like(self.results["forces"], np.nan)
-
-
 class KillingXTB(_XTB):
     """SIGKILLs its own process on its second structure while the file named by ``E2IP_TEST_KILL_FILE``
     exists (the file is removed first, so the resumed run labels normally)."""

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ def train_models(trainer, cfg: Dict[str, Any], iteration: int, train_file: Path,
     config = cfg["committee"]["config"] if committee else cfg["train"]["config"]
     args = cfg["committee"]["args"] if committee else cfg["train"]["args"]
     finetune = cfg["train"]["mode"] == "finetune" and iteration > 0
-    models, cpu = [], 0.0
+    models = []
     for k in range(size):
         run_dir = out_dir / f"member_{k}"
         done = run_dir / "done.json"
@@ -55,7 +54,6 @@ def train_models(trainer, cfg: Dict[str, Any], iteration: int, train_file: Path,
         model = str(trainer.model_file(run_dir))
         write_json(done, {"model": model, "cpu_s": used, "wall_s": time.time() - t0})
         models.append(model)
-        cpu += used
     return {"models": models}
 
 
