@@ -44,7 +44,11 @@ UQ_METHODS = ("e2ip", "eip", "ensemble")
 
 
 def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
+    """The console script ``name`` beside this interpreter (a venv), else the first one on ``PATH``."""
+    import shutil
+
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or str(here))
 
 
 def to_float64(pred):

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .backends import make_backend
+from .backends import _bin, make_backend
 from .profiles import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,10 +153,15 @@ class CostRun:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(args.device)
         self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-                    "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+                    "WANDB_MODE": "disabled",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.results: Dict[str, Any] = {"backbone": args.backbone, "profile": args.profile, "device": self.device,
                                         "threads": args.threads, "settings": self.prof["backbones"][args.backbone],
                                         "inference": [], "training": [], "memory": [], "build": {}}
+        if self.device.startswith("cuda"):
+            import torch
+
+            self.results["device_name"] = torch.cuda.get_device_name(self.device)
 
     def settings(self, dtype: str) -> Dict[str, Any]:
         return dict(self.prof["backbones"][self.a.backbone], device=self.device, dtype=dtype, epochs=1)
@@ -203,7 +208,7 @@ class CostRun:
                 if not pt2.exists():
                     target = "ase" if method == "plain" else "e2ip_ase"
                     log(f"build nequip {dtype} {method}: nequip-compile --target {target}")
-                    cmd = [str(Path(sys.executable).parent / "nequip-compile"), str(art), str(pt2), "--mode",
+                    cmd = [_bin("nequip-compile"), str(art), str(pt2), "--mode",
                            "aotinductor", "--device", self.device.split(":")[0], "--target", target]
                     r = run_capped(cmd, run_dir / "compile.log", self.a.build_cap, None, self.env)
                     self.results["build"][f"{dtype}_{method}_compile_s"] = r["wall_s"]
@@ -246,9 +251,9 @@ class CostRun:
                         continue
                     tag = f"time_{dtype}_{n}_{path}"
                     r = self.probe("time", {**base, "structure": struct, "path": path, "repeats": a.repeats
-                                            or prof["repeats"], "warmup": 1}, tag)
+                                            or prof["repeats"], "warmup": a.warmup}, tag)
                     self.results["inference"].append({"dtype": dtype, "atoms_requested": n, "path": path, **r})
-                    if a.memory:
+                    if a.memory and (a.memory_atoms is None or n in a.memory_atoms):
                         row = {"dtype": dtype, "atoms_requested": n, "path": path}
                         for m in ("plain", "e2ip"):
                             row[m] = self.probe("mem", {**base, "structure": struct, "path": path, "method": m,
@@ -256,7 +261,7 @@ class CostRun:
                         self.results["memory"].append(row)
             if a.training:
                 r = self.probe("train", {**base, "train_file": str(a.dev_file), "batch": prof["batch"],
-                                         "repeats": prof["train_repeats"], "warmup": 1}, f"train_{dtype}")
+                                         "repeats": prof["train_repeats"], "warmup": a.warmup}, f"train_{dtype}")
                 self.results["training"].append({"dtype": dtype, **r})
         path = Path(a.out) / f"cost_{a.backbone}.json"
         path.write_text(json.dumps(self.results, indent=1))
@@ -264,14 +269,14 @@ class CostRun:
         return self.results
 
 
-def collect(run_dir: Path, backbone: str, profile: str, threads: int) -> Dict[str, Any]:
+def collect(run_dir: Path, backbone: str, profile: str, threads: int, device: str = "cpu") -> Dict[str, Any]:
     """Rebuild a results dict from the probe logs of a (possibly interrupted) run directory ``<out>/<backbone>``:
     every probe that finished is kept, the rest is simply absent."""
     def parse(path: Path) -> Dict[str, Any]:
         lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.startswith("COSTPROBE ")]
         return {"result": json.loads(lines[-1][len("COSTPROBE "):])} if lines else {"reason": "interrupted"}
 
-    res: Dict[str, Any] = {"backbone": backbone, "profile": profile, "device": "cpu", "threads": threads,
+    res: Dict[str, Any] = {"backbone": backbone, "profile": profile, "device": device, "threads": threads,
                            "settings": COST_PROFILES[profile]["backbones"][backbone], "inference": [], "training": [],
                            "memory": [], "collected_from": str(run_dir)}
     for f in sorted(run_dir.glob("time_*.log")):
@@ -314,14 +319,18 @@ def table(results: List[Dict[str, Any]]) -> str:
             rows.append(f"| {bb} | {r['dtype']} | training step (median) | {n} | eager | {pl} | {e2} | {_fmt_ratio(r)} |")
         for r in res["memory"]:
             p, e = r["plain"], r["e2ip"]
+            what = "peak RSS increment"
             if "result" in p and "result" in e:
-                pm, em = p["result"]["increment_mb"], e["result"]["increment_mb"]
+                key = "increment_mb"
+                if "cuda_max_allocated_mb" in p["result"]:  # on a GPU the device memory is what limits
+                    key, what = "cuda_max_allocated_mb", "peak CUDA memory allocated"
+                pm, em = p["result"][key], e["result"][key]
                 cells = f"{pm:.0f} MB | {em:.0f} MB | {em / pm:.3f}"
                 n = p["result"]["atoms"]
             else:
                 cells = f"— | — | not measured ({p.get('reason') or e.get('reason')})"
                 n = r["atoms_requested"]
-            rows.append(f"| {bb} | {r['dtype']} | peak RSS increment | {n} | {r['path']} | {cells} |")
+            rows.append(f"| {bb} | {r['dtype']} | {what} | {n} | {r['path']} | {cells} |")
     return "\n".join(rows)
 
 
@@ -329,7 +338,8 @@ def write_report(paths: List[str], out: Path, command: str) -> Path:
     results = [json.loads(Path(p).read_text()) for p in paths]
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost.json").write_text(json.dumps(results, indent=1))
-    md = [f"# Cost of the e²IP head ({results[0]['profile']} profile, {results[0]['device']})", "",
+    md = [f"# Cost of the e²IP head ({results[0]['profile']} profile, "
+          f"{results[0].get('device_name') or results[0]['device']})", "",
           f"Command: `{command}`", "", f"Threads per process: {results[0]['threads']}.", "", table(results), ""]
     (out / "report.md").write_text("\n".join(md))
     return out / "report.md"
@@ -345,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deployed-atoms", nargs="+", type=int, default=None, help="sizes for the deployed path")
     p.add_argument("--paths", nargs="+", default=["eager", "deployed"], choices=("eager", "deployed"))
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per method first (TorchScript's profiling "
+                   "executor optimises the graph during the first two calls; CUDA initialises lazily)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--memory-atoms", nargs="+", type=int, default=None,
+                   help="box sizes for the memory probes (default: every size)")
     p.add_argument("--no-training", dest="training", action="store_false")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-cap", type=float, default=1200.0, help="s per measurement process")
@@ -369,7 +383,7 @@ def main(argv=None) -> None:
         raise SystemExit("--backbone is required (or --report)")
     if a.collect:
         out = Path(a.out) / f"cost_{a.backbone}.json"
-        out.write_text(json.dumps(collect(Path(a.collect), a.backbone, a.profile, a.threads), indent=1))
+        out.write_text(json.dumps(collect(Path(a.collect), a.backbone, a.profile, a.threads, a.device), indent=1))
         log(f"wrote {out}")
         return
     CostRun(a).run()

@@ -147,7 +147,9 @@ def _mace_step_factory(spec, method, frames):
 
     from mace_ext.loss import E2IPLoss
 
+    # .to(): e3nn 0.4.4 code-generated modules keep some constants as plain attributes that map_location misses
     model = torch.load(spec["artifacts"][method]["model"], map_location=spec["device"], weights_only=False)
+    model = model.to(spec["device"])
     model.train()
     z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
     keys = mdata.KeySpecification(info_keys={"energy": "REF_energy"}, arrays_keys={"forces": "REF_forces"})

@@ -116,8 +116,8 @@ class NoveltyEvidence(torch.nn.Module):
     def score(self, feats: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """s_i (N,): squared Mahalanobis distance to the training Gaussian of the atom's species."""
         out = feats.new_zeros(feats.shape[0])
-        mean = self.novelty_mean.to(feats.dtype)
-        whiten = self.novelty_whiten.to(feats.dtype)
+        mean = self.novelty_mean.to(device=feats.device, dtype=feats.dtype)
+        whiten = self.novelty_whiten.to(device=feats.device, dtype=feats.dtype)
         for z in range(self.num_species):
             w = (feats - mean[z]) @ whiten[z]
             out = torch.where(species == z, (w * w).sum(-1), out)
@@ -125,7 +125,7 @@ class NoveltyEvidence(torch.nn.Module):
 
     def ratio(self, feats: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """r_i = s_i / s_ref (N,); 0 where the species has no fitted reference."""
-        ref = self.novelty_ref.to(feats.dtype)[species]
+        ref = self.novelty_ref.to(device=feats.device, dtype=feats.dtype)[species]
         fitted = ref > 0
         return torch.where(fitted, self.score(feats, species) / torch.where(fitted, ref, torch.ones_like(ref)),
                            torch.zeros_like(ref))
@@ -137,7 +137,7 @@ class NoveltyEvidence(torch.nn.Module):
             return kappa * 0.0, kappa, kappa.new_ones(())
         r = self.ratio(feats, species)
         rc = r.clamp(max=self.ratio_cap)
-        calib = self.novelty_calib.to(kappa.dtype)
+        calib = self.novelty_calib.to(device=kappa.device, dtype=kappa.dtype)
         if self.linear:
             kappa_eff = kappa / (1.0 + calib[1] * kappa * rc)
         else:
