@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .backends import _bin, make_backend
+from .cost_report import table, write_report  # noqa: F401  (table: re-exported for the tests)
 from .profiles import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,7 +233,7 @@ class CostRun:
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, "-m", "benchmarks.cost_probe", what, "--spec", str(spec_path)]
         r = run_capped(cmd, self.out / f"{tag}.log", self.a.time_cap, self.a.mem_cap_gb, self.env)
-        log(f"{tag}: " + (f"{r['result'].get('ratio', r['result'].get('increment_mb'))}" if "result" in r
+        log(f"{tag}: " + (f"{r['result'].get('ratio', r['result'].get('increment_mb', r['result'].get('ratio_after')))}" if "result" in r
                           else f"not measured: {r['reason']}"))
         return r
 
@@ -243,7 +244,7 @@ class CostRun:
             paths = [p for p in a.paths if p == "eager" or deployed_atoms]
             arts = self.build(dtype, "deployed" in paths)
             base = {"dtype": dtype, "artifacts": arts}
-            for n in a.atoms or prof["atoms"]:
+            for n in (a.atoms or prof["atoms"]) if a.inference else []:
                 struct = self.structure(n)
                 for path in paths:
                     if path == "deployed" and ("compiled" not in arts["plain"] or "compiled" not in arts["e2ip"]
@@ -259,6 +260,11 @@ class CostRun:
                             row[m] = self.probe("mem", {**base, "structure": struct, "path": path, "method": m,
                                                         "calls": 1}, f"mem_{dtype}_{n}_{path}_{m}")
                         self.results["memory"].append(row)
+            if a.epoch and a.backbone == "nequip":
+                r = self.probe("epoch", {**base, "train_file": str(a.dev_file), "batch": prof["batch"],
+                                         "n_train": a.epoch_frames[0], "n_val": a.epoch_frames[1],
+                                         "repeats": a.epoch_repeats}, f"epoch_{dtype}")
+                self.results.setdefault("epoch", []).append({"dtype": dtype, **r})
             if a.training:
                 r = self.probe("train", {**base, "train_file": str(a.dev_file), "batch": prof["batch"],
                                          "repeats": prof["train_repeats"], "warmup": a.warmup}, f"train_{dtype}")
@@ -293,58 +299,6 @@ def collect(run_dir: Path, backbone: str, profile: str, threads: int, device: st
     return res
 
 
-# ------------------------------------------------------------------------------------------------ report
-def _fmt_ratio(r: Dict[str, Any], key: str = "ratio") -> str:
-    if "result" not in r:
-        return f"not measured ({r.get('reason')})"
-    return f"{r['result'][key]:.3f}"
-
-
-def table(results: List[Dict[str, Any]]) -> str:
-    """Markdown table: one row per backbone × dtype × measurement."""
-    rows = ["| backbone | dtype | what | atoms | path | plain | e2ip | e2ip / plain |", "|---|---|---|---|---|---|---|---|"]
-    for res in results:
-        bb = res["backbone"]
-        for r in res["inference"]:
-            ok = "result" in r
-            pl = f"{r['result']['median_s']['plain']:.3f} s" if ok else "—"
-            e2 = f"{r['result']['median_s']['e2ip']:.3f} s" if ok else "—"
-            n = r["result"]["atoms"] if ok else r["atoms_requested"]
-            rows.append(f"| {bb} | {r['dtype']} | inference (median) | {n} | {r['path']} | {pl} | {e2} | {_fmt_ratio(r)} |")
-        for r in res["training"]:
-            ok = "result" in r
-            pl = f"{r['result']['median_s']['plain']:.3f} s" if ok else "—"
-            e2 = f"{r['result']['median_s']['e2ip']:.3f} s" if ok else "—"
-            n = r["result"]["atoms"] if ok else "—"
-            rows.append(f"| {bb} | {r['dtype']} | training step (median) | {n} | eager | {pl} | {e2} | {_fmt_ratio(r)} |")
-        for r in res["memory"]:
-            p, e = r["plain"], r["e2ip"]
-            what = "peak RSS increment"
-            if "result" in p and "result" in e:
-                key = "increment_mb"
-                if "cuda_max_allocated_mb" in p["result"]:  # on a GPU the device memory is what limits
-                    key, what = "cuda_max_allocated_mb", "peak CUDA memory allocated"
-                pm, em = p["result"][key], e["result"][key]
-                cells = f"{pm:.0f} MB | {em:.0f} MB | {em / pm:.3f}"
-                n = p["result"]["atoms"]
-            else:
-                cells = f"— | — | not measured ({p.get('reason') or e.get('reason')})"
-                n = r["atoms_requested"]
-            rows.append(f"| {bb} | {r['dtype']} | {what} | {n} | {r['path']} | {cells} |")
-    return "\n".join(rows)
-
-
-def write_report(paths: List[str], out: Path, command: str) -> Path:
-    results = [json.loads(Path(p).read_text()) for p in paths]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cost.json").write_text(json.dumps(results, indent=1))
-    md = [f"# Cost of the e²IP head ({results[0]['profile']} profile, "
-          f"{results[0].get('device_name') or results[0]['device']})", "",
-          f"Command: `{command}`", "", f"Threads per process: {results[0]['threads']}.", "", table(results), ""]
-    (out / "report.md").write_text("\n".join(md))
-    return out / "report.md"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", choices=("mace", "nequip"))
@@ -357,10 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per method first (TorchScript's profiling "
                    "executor optimises the graph during the first two calls; CUDA initialises lazily)")
+    p.add_argument("--no-inference", dest="inference", action="store_false")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--memory-atoms", nargs="+", type=int, default=None,
                    help="box sizes for the memory probes (default: every size)")
     p.add_argument("--no-training", dest="training", action="store_false")
+    p.add_argument("--epoch", action="store_true", help="NequIP: time a training epoch with validation and the "
+                   "NoveltyFitCallback fit, as before issue 16 (three validation passes) and now (one), one run")
+    p.add_argument("--epoch-frames", nargs=2, type=int, default=[100, 40], metavar=("TRAIN", "VAL"))
+    p.add_argument("--epoch-repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-cap", type=float, default=1200.0, help="s per measurement process")
     p.add_argument("--mem-cap-gb", type=float, default=12.0, help="RSS cap per measurement process")

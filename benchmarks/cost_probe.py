@@ -185,13 +185,15 @@ def _nequip_step_factory(spec, method, frames):
     calc = load(spec, method, "eager")  # for its data transforms (type mapping, neighbour list)
     model = load_saved_model(spec["artifacts"][method]["model"]).to(spec["device"])
     model.train()
-    items = []
-    for a in frames:
-        d = from_ase(a, key_mapping={"REF_energy": "total_energy", "REF_forces": "forces"})
-        for t in calc.transforms:
-            d = t(d)
-        items.append(d)
-    batch = AtomicDataDict.to_(AtomicDataDict.batched_from_list(items), spec["device"])
+    default = None
+    if frames is not None:
+        items = []
+        for a in frames:
+            d = from_ase(a, key_mapping={"REF_energy": "total_energy", "REF_forces": "forces"})
+            for t in calc.transforms:
+                d = t(d)
+            items.append(d)
+        default = AtomicDataDict.to_(AtomicDataDict.batched_from_list(items), spec["device"])
     names = list(spec["type_names"])
     coeffs = {"total_energy": 1.0, "forces": 1.0}
     if method == "plain":
@@ -201,7 +203,8 @@ def _nequip_step_factory(spec, method, frames):
     loss_fn = loss_fn.to(spec["device"])
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
 
-    def step():
+    def step(batch=None):
+        batch = default if batch is None else batch
         opt.zero_grad(set_to_none=True)
         loss_fn.reset()
         out = model(dict(batch))
@@ -210,6 +213,7 @@ def _nequip_step_factory(spec, method, frames):
         opt.step()
         return float(loss.detach())
 
+    step.model = model
     return step
 
 
@@ -238,15 +242,97 @@ def time_training(spec: Dict[str, Any]) -> Dict[str, Any]:
             "ratio": med["e2ip"] / med["plain"]}
 
 
+def time_epoch(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """NequIP epoch (``--profile quick``): training steps over ``n_train`` frames in batches of ``batch``,
+    the validation forward (with forces) over ``n_val`` frames, and for e2ip the
+    :class:`nequip_ext.NoveltyFitCallback` fit at every validation, as before issue 16 (three validation passes,
+    ``one_pass=False``, and the level fit's full objective ``e2ip_plugins.level._nll`` at every evaluation) and
+    now (one pass, the objective with its c-independent terms hoisted). Plain / e2ip / both fits interleaved in one process, medians of
+    ``repeats``; ratios of epoch time e2ip / plain with each fit."""
+    import ase.io
+    import torch
+    from nequip.data import AtomicDataDict
+
+    from nequip_ext.novelty import fit_model_novelty
+
+    torch.set_default_dtype(getattr(torch, spec["dtype"]))
+    frames = ase.io.read(spec["train_file"], f":{spec['n_train'] + spec['n_val']}")
+    b = spec["batch"]
+    parts = {}
+    for m in ("plain", "e2ip"):
+        calc = load(spec, m, "eager")
+        items = []
+        for a in frames:
+            d = from_ase_ref(a)
+            for t in calc.transforms:
+                d = t(d)
+            items.append(d)
+        batches = [AtomicDataDict.to_(AtomicDataDict.batched_from_list(items[i:i + b]), spec["device"])
+                   for i in range(0, len(items), b)]
+        n_tr = spec["n_train"] // b
+        parts[m] = (batches[:n_tr], batches[n_tr:])
+    steps = {m: _nequip_step_factory(spec, m, None) for m in ("plain", "e2ip")}
+    models = {m: steps[m].model for m in steps}
+
+    def train(m):
+        for batch in parts[m][0]:
+            steps[m](batch)
+
+    def validate(m):
+        models[m].eval()
+        for batch in parts[m][1]:
+            models[m](dict(batch))
+        models[m].train()
+
+    import e2ip_plugins.level as level
+
+    fast_objective = level._nll_of_logc
+
+    def fit(one_pass):
+        # before issue 16: three validation passes and the level fit's objective re-evaluating every term
+        level._nll_of_logc = fast_objective if one_pass else (
+            lambda nu, ke, q, ld: (lambda logc: level._nll(nu, ke, q, ld, logc)))
+        try:
+            fit_model_novelty(models["e2ip"], parts["e2ip"][0], parts["e2ip"][1], one_pass=one_pass)
+        finally:
+            level._nll_of_logc = fast_objective
+
+    jobs = {"plain_train": lambda: train("plain"), "plain_val": lambda: validate("plain"),
+            "e2ip_train": lambda: train("e2ip"), "e2ip_val": lambda: validate("e2ip"),
+            "fit_before": lambda: fit(False), "fit_after": lambda: fit(True)}
+    for f in jobs.values():
+        f()
+    times: Dict[str, List[float]] = {k: [] for k in jobs}
+    for i in range(spec["repeats"]):
+        for k in (list(jobs) if i % 2 == 0 else list(jobs)[::-1]):
+            _sync(spec["device"])
+            t0 = time.perf_counter()
+            jobs[k]()
+            _sync(spec["device"])
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    plain = med["plain_train"] + med["plain_val"]
+    e2ip = med["e2ip_train"] + med["e2ip_val"]
+    return {"n_train": spec["n_train"], "n_val": spec["n_val"], "batch": b, "times_s": times, "median_s": med,
+            "ratio_before": (e2ip + med["fit_before"]) / plain, "ratio_after": (e2ip + med["fit_after"]) / plain,
+            "ratio_no_fit": e2ip / plain, "fit_after_over_before": med["fit_after"] / med["fit_before"]}
+
+
+def from_ase_ref(atoms):
+    from nequip.data.ase import from_ase
+
+    return from_ase(atoms, key_mapping={"REF_energy": "total_energy", "REF_forces": "forces"})
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("time", "mem", "train"))
+    p.add_argument("what", choices=("time", "mem", "train", "epoch"))
     p.add_argument("--spec", required=True)
     a = p.parse_args(argv)
     with open(a.spec) as f:
         spec = json.load(f)
     setup_threads(spec)
-    fn = {"time": time_inference, "mem": memory, "train": time_training}[a.what]
+    fn = {"time": time_inference, "mem": memory, "train": time_training, "epoch": time_epoch}[a.what]
     print("COSTPROBE " + json.dumps(fn(spec)), flush=True)
 
 

@@ -45,6 +45,20 @@ def _nll(nu, kappa_eff, quad0, logdet0, logc) -> float:
     return float(student_t_nll(nu, D * log_scale + logdet0, quad0 / torch.exp(log_scale)).mean())
 
 
+def _nll_of_logc(nu: np.ndarray, kappa_eff: np.ndarray, quad0: np.ndarray, logdet0: np.ndarray):
+    """:func:`_nll` as a function of log c alone, with every c-independent term computed once:
+    NLL(log c) = A + (D/2)·log c + mean(((ν+1)/2)·ln(1 + q·e^{−log c})), q = quad0/(f·ν′),
+    A = mean(lnΓ(ν′/2) − lnΓ((ν+1)/2) + (D/2)ln(ν′π) + (D/2)ln f + ½ log|Σ₀|)."""
+    from scipy.special import gammaln
+
+    df = nu - D + 1
+    logf = np.log(nu * (1 + kappa_eff) / (kappa_eff * df))
+    a = float(np.mean(gammaln(df / 2) - gammaln((nu + 1) / 2) + 0.5 * D * np.log(df * math.pi) + 0.5 * D * logf
+                      + 0.5 * logdet0))
+    w, q = 0.5 * (nu + 1), quad0 * np.exp(-logf) / df
+    return lambda logc: a + 0.5 * D * logc + float(np.mean(w * np.log1p(q * math.exp(-logc))))
+
+
 def fit_level(nu: torch.Tensor, kappa: torch.Tensor, sigma0_inv: torch.Tensor, sigma0_logdet: torch.Tensor,
               residual: torch.Tensor, ratio: torch.Tensor, mode: str = "linear",
               ratio_cap: float = 100.0, grid: int = 29) -> Tuple[float, float, Dict[str, float]]:
@@ -69,7 +83,7 @@ def fit_level(nu: torch.Tensor, kappa: torch.Tensor, sigma0_inv: torch.Tensor, s
 
     def best_c(beta: float) -> Tuple[float, float]:
         ke = kappa_eff(beta)
-        res = minimize_scalar(lambda lc: _nll(nu_, ke, quad0, logdet0, lc), bounds=(-20.0, 20.0),
+        res = minimize_scalar(_nll_of_logc(nu_, ke, quad0, logdet0), bounds=(-20.0, 20.0),
                               method="bounded", options={"xatol": 1e-7})
         return float(res.fun), float(res.x)
 

@@ -237,8 +237,13 @@ class NoveltyFitter:
     @torch.no_grad()
     def add_val(self, feats: torch.Tensor, species: torch.Tensor) -> None:
         x = feats.detach().to("cpu", torch.float64)
-        sp = species.detach().to("cpu").long()
-        s = self.module.score(x, sp)  # float64 features: buffers are cast to float64
+        self.add_val_scores(self.module.score(x, species.detach().to("cpu")), species)  # float64 buffers
+
+    @torch.no_grad()
+    def add_val_scores(self, scores: torch.Tensor, species: torch.Tensor) -> None:
+        """Validation scores s_i already computed (e.g. by a model forward with the reference at 1)."""
+        s = scores.detach().to("cpu", torch.float64).reshape(-1)
+        sp = species.detach().to("cpu").long().reshape(-1)
         for z in range(self.module.num_species):
             if (sp == z).any():
                 self.val_scores[z].append(s[sp == z])

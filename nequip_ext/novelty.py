@@ -4,11 +4,12 @@
 - :class:`NoveltyFitCallback` (in the shipped configs): at the start of every validation
   epoch, while NequIP's EMA weights are swapped in (the weights that are validated,
   checkpointed and tested), one no-grad pass over the training data (up to the novelty
-  module after the last convnet: the readout is skipped) fits the per-species moments, and one over the validation
-  data the reference quantile, then one full forward over the validation data (with its reference
-  forces) the stored calibration [c, β], and one more (with its reference energies, calibrated model) the
-  stored energy length ℓ of ``energy_uncertainty`` (:mod:`e2ip_plugins.energy_uq`; models without novelty
-  fit ℓ only). Lightning's ``ModelCheckpoint`` saves at the end of
+  module after the last convnet: the readout is skipped) fits the per-species moments, then ONE full
+  forward over the validation data (reference forces and energies) gives the reference quantile, the
+  stored calibration [c, β] and the stored energy length ℓ of ``energy_uncertainty``
+  (:mod:`e2ip_plugins.validation_fit`; before issue 16 these took a feature pass and two full forwards,
+  still used for ``power`` novelty and by ``one_pass=False``; models without novelty fit ℓ only, with one
+  forward). Lightning's ``ModelCheckpoint`` saves at the end of
   validation, so every checkpoint (``best.ckpt`` used by the test run, ``last.ckpt`` for
   resuming) carries buffers fitted on its own weights.
 - ``nequip_fit_novelty_e2ip --ckpt best.ckpt --train train.xyz --val val.xyz``:
@@ -25,7 +26,8 @@ from lightning.pytorch.callbacks import Callback
 
 from e2ip_plugins.energy_uq import fit_energy_length, force_variance_sum
 from e2ip_plugins.level import fit_stored_level
-from e2ip_plugins.novelty import fit_novelty
+from e2ip_plugins.novelty import NoveltyFitter, fit_novelty
+from e2ip_plugins.validation_fit import fit_from_columns, prepare_one_pass, supports_one_pass
 
 from .model import ENERGY_MODULE_NAME, NOVELTY_MODULE_NAME
 
@@ -76,15 +78,30 @@ def head_features(model: torch.nn.Module, batches: Iterable[dict], device=None):
         yield head.novelty_features(data)
 
 
-def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None) -> bool:
+def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None, one_pass: bool = True) -> bool:
     """Fit the novelty buffers and the stored calibration [c, β] of ``model`` in place (the
     calibration needs ``val_batches`` with reference forces; without them it stays [1, 0]).
+
+    ``one_pass`` (default, ``linear`` novelty): one forward over the validation data gives the
+    reference, the level and the energy length (:mod:`e2ip_plugins.validation_fit`); otherwise (or in
+    ``power`` mode) one feature pass for the reference and a full forward each for the level and ℓ.
     Returns False if the model has no novelty-enabled head."""
     head = novelty_head(model)
     was_training = model.training
     model.eval()
     if isinstance(val_batches, Iterator):
         val_batches = list(val_batches)  # a one-shot iterator is read several times (quantile, level, energy)
+    if head is not None and val_batches is not None and one_pass and supports_one_pass(head.novelty):
+        fitter = NoveltyFitter(head.novelty)
+        for feats, species in head_features(model, train_batches):
+            fitter.add_train(feats, species)
+        fitter.finish_moments()
+        prepare_one_pass(head.novelty, fitter)
+        energy = energy_head(model)
+        fit_from_columns(head.novelty, fitter, list(one_pass_columns(model, val_batches, energy is not None)),
+                         energy.energy if energy is not None else None)
+        model.train(was_training)
+        return True
     if head is not None:
         val = head_features(model, val_batches) if val_batches is not None else None
         fit_novelty(head.novelty, head_features(model, train_batches), val)
@@ -135,6 +152,35 @@ def level_columns(model: torch.nn.Module, batches: Iterable[dict], device=None):
             "ratio": out[K.E2IP_NOVELTY_KEY].detach(), "sigma0": out[K.E2IP_SIGMA0_KEY].detach(),
             "frame": out[AtomicDataDict.BATCH_KEY].detach(), "species": out[AtomicDataDict.ATOM_TYPE_KEY].detach(),
         }
+
+
+def one_pass_columns(model: torch.nn.Module, batches: Iterable[dict], energies: bool = True, device=None):
+    """Yield the per-batch columns of :func:`e2ip_plugins.validation_fit.fit_from_columns` (one full forward
+    per batch, made after :func:`~e2ip_plugins.validation_fit.prepare_one_pass`: the novelty output is s_i)."""
+    from nequip.data import AtomicDataDict
+
+    from . import _keys as K
+
+    device = device or next(model.parameters()).device
+    for batch in batches:
+        data = {k: v.to(device) for k, v in batch.items()}
+        y = data[AtomicDataDict.FORCE_KEY].clone()
+        with torch.inference_mode(False), torch.enable_grad():
+            out = model(data)
+        num = AtomicDataDict.num_frames(out)
+        cols = {
+            "nu": out[K.E2IP_NU_KEY], "kappa": out[K.E2IP_KAPPA_KEY], "sigma0": out[K.E2IP_SIGMA0_KEY],
+            "sigma0_inv": out[K.E2IP_SIGMA0_INV_KEY], "sigma0_logdet": out[K.E2IP_SIGMA0_LOGDET_KEY],
+            "residual": y.to(out[AtomicDataDict.FORCE_KEY].dtype) - out[AtomicDataDict.FORCE_KEY],
+            "score": out[K.E2IP_NOVELTY_KEY], "species": out[AtomicDataDict.ATOM_TYPE_KEY],
+            "frame": out[AtomicDataDict.BATCH_KEY], "num_frames": num,
+        }
+        has_energy = energies and AtomicDataDict.TOTAL_ENERGY_KEY in data
+        e = out[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1)
+        cols["energy_residual"] = (data[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1).to(e.dtype) - e) if has_energy \
+            else torch.zeros_like(e)
+        cols["has_energy"] = torch.full((num,), bool(has_energy), dtype=torch.bool)
+        yield {k: (v.detach() if torch.is_tensor(v) else v) for k, v in cols.items()}
 
 
 class NoveltyFitCallback(Callback):

@@ -83,3 +83,17 @@ def test_fit_stored_level_resets_then_writes_the_buffer_and_scales_all_covarianc
     torch.testing.assert_close(ld, torch.logdet(s))
     with pytest.raises(ValueError, match="validation atoms"):
         fit_stored_level(mod, iter([]))
+
+
+def test_nll_of_logc_equals_the_full_student_t_nll():
+    """The fit's inner objective (c-independent terms hoisted, issue 16) is the Student-t NLL of _nll."""
+    import numpy as np
+
+    from e2ip_plugins.level import _nll, _nll_of_logc
+
+    rng = np.random.default_rng(3)
+    n = 500
+    nu, ke, quad0, logdet0 = 4.5 + rng.gamma(2, 2, n), rng.gamma(1, 1, n) + 1e-3, rng.gamma(1, 3, n), rng.normal(0, 1, n)
+    f = _nll_of_logc(nu, ke, quad0, logdet0)
+    for logc in (-6.0, -0.7, 0.0, 1.3, 9.0):
+        assert abs(f(logc) - _nll(nu, ke, quad0, logdet0, logc)) < 1e-10
