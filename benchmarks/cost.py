@@ -254,6 +254,10 @@ class CostRun:
                     r = self.probe("time", {**base, "structure": struct, "path": path, "repeats": a.repeats
                                             or prof["repeats"], "warmup": a.warmup}, tag)
                     self.results["inference"].append({"dtype": dtype, "atoms_requested": n, "path": path, **r})
+                    if path == "eager" and a.modules:
+                        r = self.probe("modules", {**base, "structure": struct, "path": path, "repeats": 2,
+                                                   "warmup": 1}, f"modules_{dtype}_{n}")
+                        self.results.setdefault("modules", []).append({"dtype": dtype, "atoms_requested": n, **r})
                     if a.memory and (a.memory_atoms is None or n in a.memory_atoms):
                         row = {"dtype": dtype, "atoms_requested": n, "path": path}
                         for m in ("plain", "e2ip"):
@@ -312,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per method first (TorchScript's profiling "
                    "executor optimises the graph during the first two calls; CUDA initialises lazily)")
     p.add_argument("--no-inference", dest="inference", action="store_false")
+    p.add_argument("--no-modules", dest="modules", action="store_false",
+                   help="skip the per-module share of the e²IP modules in one eager calculate")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--memory-atoms", nargs="+", type=int, default=None,
                    help="box sizes for the memory probes (default: every size)")

@@ -103,6 +103,61 @@ def time_inference(spec: Dict[str, Any]) -> Dict[str, Any]:
     return {"atoms": len(atoms), "times_s": times, "median_s": med, "ratio": med["e2ip"] / med["plain"]}
 
 
+def module_share(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Share of one e2ip ``calculate`` (eager) spent in the e²IP modules, timed inside the same calls, so it is
+    immune to the drift between calls that a plain/e2ip ratio of whole calls suffers on a shared machine.
+    NequIP: forward hooks on the top-level modules of the energy network, e²IP = the ``uq_*`` modules. MACE:
+    e²IP = the e2ip model's forward minus its ``_e2ip_backbone_forward`` (head, novelty, covariances, σ_E)."""
+    import ase.io
+
+    atoms = ase.io.read(spec["structure"])
+    calc = load(spec, "e2ip", "eager")
+    spans: Dict[str, List[float]] = {}
+
+    def timed(name):
+        def pre(*_):
+            _sync(spec["device"])
+            spans.setdefault(name, []).append(-time.perf_counter())
+
+        def post(*_):
+            _sync(spec["device"])
+            spans[name][-1] += time.perf_counter()
+        return pre, post
+
+    if spec["backbone"] == "nequip":
+        for name, mod in calc.model.model.func.named_children():
+            pre, post = timed(name)
+            mod.register_forward_pre_hook(pre)
+            mod.register_forward_hook(post)
+        e2ip_names = [n for n, _ in calc.model.model.func.named_children() if n.startswith("uq_")]
+    else:
+        model = calc.models[0]
+        pre, post = timed("forward")
+        model.register_forward_pre_hook(pre)
+        model.register_forward_hook(post)
+        backbone = model._e2ip_backbone_forward
+        bpre, bpost = timed("backbone")
+
+        def wrapped(*args):
+            bpre()
+            try:
+                return backbone(*args)
+            finally:
+                bpost()
+        model._e2ip_backbone_forward = wrapped
+        e2ip_names = []
+    for _ in range(spec.get("warmup", 1)):
+        calculate(calc, atoms, spec["device"])
+    spans.clear()
+    calls = [calculate(calc, atoms, spec["device"]) for _ in range(spec["repeats"])]
+    per_call = {k: sum(v) / len(calls) for k, v in spans.items()}
+    e2ip = (sum(per_call[n] for n in e2ip_names) if spec["backbone"] == "nequip"
+            else per_call["forward"] - per_call["backbone"])
+    total = sum(calls) / len(calls)
+    return {"atoms": len(atoms), "calculate_s": total, "e2ip_s": e2ip, "share": e2ip / total,
+            "ratio": total / (total - e2ip), "modules_s": per_call}
+
+
 def memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Peak RSS (VmHWM) increment over the post-import baseline while loading and running ``calls`` calculations
     of one method; on CUDA also ``torch.cuda.max_memory_allocated``."""
@@ -326,13 +381,14 @@ def from_ase_ref(atoms):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("time", "mem", "train", "epoch"))
+    p.add_argument("what", choices=("time", "mem", "train", "epoch", "modules"))
     p.add_argument("--spec", required=True)
     a = p.parse_args(argv)
     with open(a.spec) as f:
         spec = json.load(f)
     setup_threads(spec)
-    fn = {"time": time_inference, "mem": memory, "train": time_training, "epoch": time_epoch}[a.what]
+    fn = {"time": time_inference, "mem": memory, "train": time_training, "epoch": time_epoch,
+          "modules": module_share}[a.what]
     print("COSTPROBE " + json.dumps(fn(spec)), flush=True)
 
 

@@ -57,3 +57,10 @@ def test_cost_table_has_finite_ratios(spec):
     for row in rows[:3]:
         assert math.isfinite(float(row.strip("| ").split("|")[-1]))
     assert "not measured (skipped)" in rows[3]
+
+
+def test_module_share_times_the_e2ip_part_inside_the_call(spec):
+    """The e²IP part (forward minus the backbone's) is a positive share of one calculate, below 1."""
+    r = cost_probe.module_share({**spec, "path": "eager", "repeats": 2})
+    assert r["atoms"] == 38 and 0 < r["e2ip_s"] < r["modules_s"]["forward"] <= r["calculate_s"]
+    assert 0 < r["share"] < 1 and r["ratio"] == pytest.approx(1 / (1 - r["share"]))
