@@ -372,3 +372,17 @@ def test_plain_ase_target_gives_clear_error(artefacts):
     NequIPCalculator.from_compiled_model(pt2, device="cpu", chemical_species_to_atom_type_map=True)  # valid artefact
     with pytest.raises(ValueError, match="--target e2ip_ase"):
         E2IPNequIPCalculator.from_compiled_model(pt2, device="cpu", chemical_species_to_atom_type_map=True)
+
+
+def test_cost_module_share_times_the_uq_modules(artefacts, molecule, tmp_path):
+    """benchmarks.cost_probe.module_share (issue 16) times exactly the e²IP modules of the energy network."""
+    from benchmarks import cost_probe
+
+    ase.io.write(tmp_path / "m.xyz", molecule)
+    r = cost_probe.module_share({"backbone": "nequip", "device": "cpu", "dtype": "float64", "repeats": 2, "warmup": 1,
+                                 "artifacts": {"e2ip": {"model": str(artefacts["ckpt"])}},
+                                 "structure": str(tmp_path / "m.xyz")})
+    uq = sorted(k for k in r["modules_s"] if k.startswith("uq_"))
+    assert uq == ["uq_energy", "uq_head", "uq_novelty"] and 0 < r["share"] < 1
+    assert r["e2ip_s"] == pytest.approx(sum(r["modules_s"][k] for k in uq))
+    assert r["e2ip_s"] < sum(r["modules_s"].values()) <= r["calculate_s"]
