@@ -25,7 +25,7 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from .memprobe import _peak, _reset_peak, _status
 
@@ -84,6 +84,20 @@ def calculate(calc, atoms, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved(jobs: Dict[str, Any], repeats: int, device: str) -> Tuple[Dict[str, List[float]], Dict[str, float]]:
+    """Time each job ``repeats`` times, in the jobs' order on even rounds and reversed on odd ones (so a drift of
+    the machine hits every job alike); returns (times, medians) in seconds."""
+    times: Dict[str, List[float]] = {k: [] for k in jobs}
+    for i in range(repeats):
+        for k in (list(jobs) if i % 2 == 0 else list(jobs)[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            jobs[k]()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return times, {k: statistics.median(t) for k, t in times.items()}
+
+
 def time_inference(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Both methods loaded in one process; warm-up, then ``repeats`` alternating calls; medians and ratio."""
     import ase.io
@@ -94,12 +108,8 @@ def time_inference(spec: Dict[str, Any]) -> Dict[str, Any]:
         for m in calcs:
             calculate(calcs[m], atoms, spec["device"])
     assert "forces_covariance" in calcs["e2ip"].results, "the e2ip path must produce forces_covariance"
-    times: Dict[str, List[float]] = {m: [] for m in calcs}
-    for i in range(spec["repeats"]):
-        order = ("plain", "e2ip") if i % 2 == 0 else ("e2ip", "plain")
-        for m in order:
-            times[m].append(calculate(calcs[m], atoms, spec["device"]))
-    med = {m: statistics.median(t) for m, t in times.items()}
+    times, med = interleaved({m: (lambda c=calcs[m]: calculate(c, atoms, spec["device"])) for m in ("plain", "e2ip")},
+                             spec["repeats"], spec["device"])
     return {"atoms": len(atoms), "times_s": times, "median_s": med, "ratio": med["e2ip"] / med["plain"]}
 
 
@@ -284,15 +294,7 @@ def time_training(spec: Dict[str, Any]) -> Dict[str, Any]:
     for m in steps:
         for _ in range(spec.get("warmup", 1)):
             steps[m]()
-    times: Dict[str, List[float]] = {m: [] for m in steps}
-    for i in range(spec["repeats"]):
-        for m in (("plain", "e2ip") if i % 2 == 0 else ("e2ip", "plain")):
-            _sync(spec["device"])
-            t0 = time.perf_counter()
-            steps[m]()
-            _sync(spec["device"])
-            times[m].append(time.perf_counter() - t0)
-    med = {m: statistics.median(t) for m, t in times.items()}
+    times, med = interleaved(steps, spec["repeats"], spec["device"])
     return {"atoms": sum(len(a) for a in frames), "frames": len(frames), "times_s": times, "median_s": med,
             "ratio": med["e2ip"] / med["plain"]}
 
@@ -357,15 +359,7 @@ def time_epoch(spec: Dict[str, Any]) -> Dict[str, Any]:
             "fit_before": lambda: fit(False), "fit_after": lambda: fit(True)}
     for f in jobs.values():
         f()
-    times: Dict[str, List[float]] = {k: [] for k in jobs}
-    for i in range(spec["repeats"]):
-        for k in (list(jobs) if i % 2 == 0 else list(jobs)[::-1]):
-            _sync(spec["device"])
-            t0 = time.perf_counter()
-            jobs[k]()
-            _sync(spec["device"])
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(t) for k, t in times.items()}
+    times, med = interleaved(jobs, spec["repeats"], spec["device"])
     plain = med["plain_train"] + med["plain_val"]
     e2ip = med["e2ip_train"] + med["e2ip_val"]
     return {"n_train": spec["n_train"], "n_val": spec["n_val"], "batch": b, "times_s": times, "median_s": med,

@@ -113,45 +113,50 @@ def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None, o
     return head is not None
 
 
+def validation_outputs(model: torch.nn.Module, batches: Iterable[dict], device=None):
+    """Yield ``(data, output)`` of one full forward (forces through autograd) per validation batch."""
+    device = device or next(model.parameters()).device
+    for batch in batches:
+        data = {k: v.to(device) for k, v in batch.items()}
+        with torch.inference_mode(False), torch.enable_grad():
+            out = model(dict(data))
+        yield data, out
+
+
 def energy_columns(model: torch.nn.Module, batches: Iterable[dict], device=None):
     """Yield per-frame validation energy residuals and Σ_i tr U_tot,i/3 (batches without energies skipped)."""
     from nequip.data import AtomicDataDict
 
     from . import _keys as K
 
-    device = device or next(model.parameters()).device
-    for batch in batches:
-        if AtomicDataDict.TOTAL_ENERGY_KEY not in batch:
-            continue
-        data = {k: v.to(device) for k, v in batch.items()}
-        y = data[AtomicDataDict.TOTAL_ENERGY_KEY].clone().reshape(-1)
-        with torch.inference_mode(False), torch.enable_grad():
-            out = model(data)
+    batches = (b for b in batches if AtomicDataDict.TOTAL_ENERGY_KEY in b)
+    for data, out in validation_outputs(model, batches, device):
         e = out[AtomicDataDict.TOTAL_ENERGY_KEY].detach().reshape(-1)
-        yield {"energy_residual": y.to(e.dtype) - e,
+        yield {"energy_residual": data[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1).to(e.dtype) - e,
                "force_var": force_variance_sum(out[K.FORCES_COVARIANCE_KEY].detach(), out[AtomicDataDict.BATCH_KEY],
                                                AtomicDataDict.num_frames(out))}
 
 
-def level_columns(model: torch.nn.Module, batches: Iterable[dict], device=None):
-    """Yield the per-atom validation columns of :func:`e2ip_plugins.level.fit_stored_level` (full forward)."""
+def _atom_columns(data: dict, out: dict) -> dict:
+    """Per-atom evidence, residual y − γ, novelty output, frame index and species of one forward."""
     from nequip.data import AtomicDataDict
 
     from . import _keys as K
 
-    device = device or next(model.parameters()).device
-    for batch in batches:
-        data = {k: v.to(device) for k, v in batch.items()}
-        y = data[AtomicDataDict.FORCE_KEY].clone()
-        with torch.inference_mode(False), torch.enable_grad():
-            out = model(data)
-        yield {
-            "nu": out[K.E2IP_NU_KEY].detach(), "kappa": out[K.E2IP_KAPPA_KEY].detach(),
-            "sigma0_inv": out[K.E2IP_SIGMA0_INV_KEY].detach(), "sigma0_logdet": out[K.E2IP_SIGMA0_LOGDET_KEY].detach(),
-            "residual": (y.to(out[AtomicDataDict.FORCE_KEY].dtype) - out[AtomicDataDict.FORCE_KEY]).detach(),
-            "ratio": out[K.E2IP_NOVELTY_KEY].detach(), "sigma0": out[K.E2IP_SIGMA0_KEY].detach(),
-            "frame": out[AtomicDataDict.BATCH_KEY].detach(), "species": out[AtomicDataDict.ATOM_TYPE_KEY].detach(),
-        }
+    forces = out[AtomicDataDict.FORCE_KEY]
+    cols = {
+        "nu": out[K.E2IP_NU_KEY], "kappa": out[K.E2IP_KAPPA_KEY], "sigma0": out[K.E2IP_SIGMA0_KEY],
+        "sigma0_inv": out[K.E2IP_SIGMA0_INV_KEY], "sigma0_logdet": out[K.E2IP_SIGMA0_LOGDET_KEY],
+        "residual": data[AtomicDataDict.FORCE_KEY].to(forces.dtype) - forces, "ratio": out[K.E2IP_NOVELTY_KEY],
+        "frame": out[AtomicDataDict.BATCH_KEY], "species": out[AtomicDataDict.ATOM_TYPE_KEY],
+    }
+    return {k: v.detach() for k, v in cols.items()}
+
+
+def level_columns(model: torch.nn.Module, batches: Iterable[dict], device=None):
+    """Yield the per-atom validation columns of :func:`e2ip_plugins.level.fit_stored_level` (full forward)."""
+    for data, out in validation_outputs(model, batches, device):
+        yield _atom_columns(data, out)
 
 
 def one_pass_columns(model: torch.nn.Module, batches: Iterable[dict], energies: bool = True, device=None):
@@ -159,28 +164,17 @@ def one_pass_columns(model: torch.nn.Module, batches: Iterable[dict], energies: 
     per batch, made after :func:`~e2ip_plugins.validation_fit.prepare_one_pass`: the novelty output is s_i)."""
     from nequip.data import AtomicDataDict
 
-    from . import _keys as K
-
-    device = device or next(model.parameters()).device
-    for batch in batches:
-        data = {k: v.to(device) for k, v in batch.items()}
-        y = data[AtomicDataDict.FORCE_KEY].clone()
-        with torch.inference_mode(False), torch.enable_grad():
-            out = model(data)
+    for data, out in validation_outputs(model, batches, device):
+        cols = _atom_columns(data, out)
+        cols["score"] = cols.pop("ratio")
         num = AtomicDataDict.num_frames(out)
-        cols = {
-            "nu": out[K.E2IP_NU_KEY], "kappa": out[K.E2IP_KAPPA_KEY], "sigma0": out[K.E2IP_SIGMA0_KEY],
-            "sigma0_inv": out[K.E2IP_SIGMA0_INV_KEY], "sigma0_logdet": out[K.E2IP_SIGMA0_LOGDET_KEY],
-            "residual": y.to(out[AtomicDataDict.FORCE_KEY].dtype) - out[AtomicDataDict.FORCE_KEY],
-            "score": out[K.E2IP_NOVELTY_KEY], "species": out[AtomicDataDict.ATOM_TYPE_KEY],
-            "frame": out[AtomicDataDict.BATCH_KEY], "num_frames": num,
-        }
         has_energy = energies and AtomicDataDict.TOTAL_ENERGY_KEY in data
-        e = out[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1)
+        e = out[AtomicDataDict.TOTAL_ENERGY_KEY].detach().reshape(-1)
         cols["energy_residual"] = (data[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1).to(e.dtype) - e) if has_energy \
             else torch.zeros_like(e)
         cols["has_energy"] = torch.full((num,), bool(has_energy), dtype=torch.bool)
-        yield {k: (v.detach() if torch.is_tensor(v) else v) for k, v in cols.items()}
+        cols["num_frames"] = num
+        yield cols
 
 
 class NoveltyFitCallback(Callback):
