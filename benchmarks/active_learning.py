@@ -165,7 +165,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--band-order", default="uncertainty", choices=("uncertainty", "random"),
+    p.add_argument("--band-order", default="uncertainty", choices=("uncertainty", "random", "diverse"),
                    help="select.order of the e2ip/committee loops: decreasing max u, or DP-GEN's uniform draw in the band")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)

@@ -32,7 +32,8 @@ Every key, with its default (paths are relative to the YAML file's directory)::
       trust_lo: {quantile: 0.9}     # eV/A, or {quantile: q}: q-quantile of max u over the validation set
       trust_hi: .inf                # eV/A, or {factor: f}: f * trust_lo; MD stops there, frames above are dropped
       min_distance: 0.02            # A; descriptor distance below which two selected frames are duplicates
-      order: uncertainty            # candidates by decreasing max u, or random (DP-GEN: uniform within the band)
+      order: uncertainty            # candidates by decreasing max u, random (DP-GEN: uniform within the band), or
+                                    # diverse (greedy max u x distance to the labelled and already chosen frames)
     label:
       calculator: tblite.ase:TBLite # import path "module:attribute" of an ASE calculator class (or factory)
       kwargs: {method: GFN2-xTB, verbosity: 0}
@@ -190,8 +191,8 @@ def load_config(path) -> Dict[str, Any]:
     s = cfg["select"]
     s["budget"] = _positive(s["budget"], "select.budget", integer=True)
     s["min_distance"] = _positive(s["min_distance"], "select.min_distance", allow_zero=True)
-    if s["order"] not in ("uncertainty", "random"):
-        raise ALConfigError(f"select.order must be uncertainty or random, got {s['order']!r}")
+    if s["order"] not in ("uncertainty", "random", "diverse"):
+        raise ALConfigError(f"select.order must be uncertainty, random or diverse, got {s['order']!r}")
     s["trust_lo"] = check_band(s["trust_lo"], "select.trust_lo")
     s["trust_hi"] = check_band(s["trust_hi"], "select.trust_hi")
     if isinstance(s["trust_lo"], float) and isinstance(s["trust_hi"], float) and not s["trust_lo"] < s["trust_hi"]:

@@ -228,7 +228,8 @@ class ActiveLearningLoop:
         scores = frame_scores(pool) if pool else np.zeros(0)
         rnd = cfg["seed"] * 7919 + k if cfg["selector"] == "random" else None
         chosen = select_frames(pool, scores, s["budget"], s["min_distance"], lo, hi, random_seed=rnd,
-                               band_order=s["order"], band_seed=cfg["seed"] * 7919 + k)
+                               band_order=s["order"], band_seed=cfg["seed"] * 7919 + k,
+                               reference=self._labelled_frames(k - 1) if s["order"] == "diverse" else ())
         frames = []
         for i in chosen:
             a = pool[i].copy()

@@ -4,9 +4,20 @@ Score of a candidate frame: the per-structure max u = max_i sqrt(tr U_i / 3) (eV
 calculator — the e²IP epistemic covariance (selector ``e2ip``) or the committee's 3×3 sample covariance
 U_i = 1/(K−1) Σ_k (F_ik − F̄_i)(F_ik − F̄_i)ᵀ (selector ``committee``). Frames with
 trust_lo ≤ score < trust_hi are candidates; they are taken in decreasing score (``select.order:
-uncertainty``) or in a seeded random order (``random``, DP-GEN's choice), skipping any frame closer than
+uncertainty``), in a seeded random order (``random``, DP-GEN's choice) or greedily by score times
+distance to what is already labelled (``diverse``, below), skipping any frame closer than
 ``min_distance`` to one already taken, until the budget is met. Selector ``random``
 draws candidates uniformly from all explored frames (no band) with the same duplicate rule.
+
+``diverse`` (uncertainty-weighted farthest-point batch selection): with R = the labelled training
+frames plus the frames picked so far, the next frame is
+
+    argmax_i  s_i · m_i,   m_i = min_{r ∈ R} D(i, r)
+
+(s_i its score, D the duplicate distance below; a composition absent from R counts as infinitely far, ties
+then by score). Both factors carry units, so the product has no tuning constant: rescaling u or D does
+not change the choice. It spends the budget on uncertain frames that are also far from the training set
+and from each other, instead of on many near-copies of one uncertain region.
 
 Duplicate descriptor: the sorted vector of all interatomic distances d(A) (invariant to rotation,
 translation and permutation of like atoms), distance D(A, B) = sqrt(mean_k (d_k(A) − d_k(B))²) in Å;
@@ -42,13 +53,17 @@ def descriptor_distance(a, b) -> float:
 
 def select_frames(frames: Sequence, scores: np.ndarray, budget: int, min_distance: float, trust_lo: float,
                   trust_hi: float, random_seed: Optional[int] = None, band_order: str = "uncertainty",
-                  band_seed: int = 0) -> List[int]:
+                  band_seed: int = 0, reference: Sequence = ()) -> List[int]:
     """Indices of the frames to label (module docstring); ``random_seed`` set = the random selector (no band).
 
     ``band_order``: ``uncertainty`` takes the band's candidates by decreasing score; ``random`` in a seeded
-    random order (``band_seed``; DP-GEN's uniform choice among its candidates).
+    random order (``band_seed``; DP-GEN's uniform choice among its candidates); ``diverse`` greedily by
+    score × distance to ``reference`` (the labelled frames) and to the frames already taken.
     """
     scores = np.asarray(scores, dtype=np.float64)
+    if random_seed is None and band_order == "diverse":
+        ok = np.flatnonzero((scores >= trust_lo) & (scores < trust_hi) & np.isfinite(scores))
+        return _diverse(frames, scores, ok, budget, min_distance, reference)
     if random_seed is None:
         ok = np.flatnonzero((scores >= trust_lo) & (scores < trust_hi) & np.isfinite(scores))
         if band_order == "random":
@@ -70,6 +85,42 @@ def select_frames(frames: Sequence, scores: np.ndarray, budget: int, min_distanc
             taken.append(int(i))
             descs.append(d)
             comps.append(comp)
+    return taken
+
+
+def _composition(atoms) -> tuple:
+    return tuple(sorted(atoms.get_atomic_numbers().tolist()))
+
+
+def _diverse(frames: Sequence, scores: np.ndarray, ok: np.ndarray, budget: int, min_distance: float,
+             reference: Sequence) -> List[int]:
+    """Greedy argmax_i s_i·m_i over the candidates ``ok`` (module docstring), duplicates (m_i < min_distance)
+    never taken; O(candidates × (references + budget)) descriptor distances."""
+    comps = [_composition(frames[i]) for i in ok]
+    descs = np.array([descriptor(frames[i]) for i in ok], dtype=object)
+    m = np.full(len(ok), np.inf)
+
+    def shrink(desc: np.ndarray, comp: tuple) -> None:
+        for j, (c, d) in enumerate(zip(comps, descs)):
+            if c == comp:
+                m[j] = min(m[j], float(np.sqrt(np.mean((d - desc) ** 2))) if d.size else 0.0)
+
+    for r in reference:
+        shrink(descriptor(r), _composition(r))
+    taken: List[int] = []
+    free = np.ones(len(ok), dtype=bool)
+    while len(taken) < budget:
+        alive = free & (m >= min_distance)
+        if not alive.any():
+            break
+        s = scores[ok]
+        inf = alive & np.isinf(m)
+        pool = inf if inf.any() else alive
+        key = np.where(pool, s if inf.any() else s * m, -np.inf)
+        j = int(np.argmax(key))
+        taken.append(int(ok[j]))
+        free[j] = False
+        shrink(descs[j], comps[j])
     return taken
 
 

@@ -62,7 +62,7 @@ def test_config_defaults_and_paths(tmp_path):
     ({"label.calculator": "tblite"}, "import path 'module:Class'"),
     ({"train.mode": "resume"}, "train.mode must be scratch or finetune"),
     ({"explore.steps": 0}, "explore.steps must be"),
-    ({"select.order": "best"}, "select.order must be uncertainty or random"),
+    ({"select.order": "best"}, "select.order must be uncertainty, random or diverse"),
 ])
 def test_config_errors_say_what_to_change(tmp_path, over, message):
     with pytest.raises(ALConfigError, match=None) as err:
@@ -111,6 +111,36 @@ def test_select_band_budget_order_and_duplicates():
     assert b1 == b2 and len(b1) == 4 and set(b1) <= {1, 2, 4, 5, 7, 8} and not {5, 8} <= set(b1)
     draws = {tuple(select_frames(frames, scores, 4, 0.02, 0.25, 1.5, band_order="random", band_seed=s)) for s in range(10)}
     assert len(draws) > 1
+
+
+def test_select_diverse_is_score_times_distance_to_labelled_and_taken():
+    base = _molecule(0)
+
+    def moved(dx: float) -> Atoms:
+        a = base.copy()
+        a.positions[0] += [dx, 0.0, 0.0]
+        return a
+
+    labelled = [moved(0.0)]
+    # three near-copies far from the labelled frame (high score), one mid-distance frame (lower score)
+    frames = [moved(0.90), moved(0.91), moved(0.92), moved(0.45), moved(0.01)]
+    scores = np.array([1.0, 0.99, 0.98, 0.9, 5.0])
+    d = [descriptor_distance(f, labelled[0]) for f in frames]
+    chosen = select_frames(frames, scores, budget=2, min_distance=0.02, trust_lo=0.5, trust_hi=10.0,
+                           band_order="diverse", reference=labelled)
+    # first: max s·m over the candidates; then m shrinks around it and the mid-distance frame wins
+    assert chosen[0] == int(np.argmax(scores[:4] * np.array(d[:4])))
+    assert chosen[1] == 3
+    # frame 4 (score 5) sits on the labelled frame: a duplicate, never taken
+    assert 4 not in select_frames(frames, scores, 5, 0.02, 0.5, 10.0, band_order="diverse", reference=labelled)
+    # plain uncertainty order spends the budget on the near-copies
+    assert select_frames(frames, scores, 2, 0.0, 0.5, 4.0) == [0, 1]
+    # the choice does not depend on the units of the score
+    assert select_frames(frames, scores * 7.0, 2, 0.02, 3.5, 70.0, band_order="diverse", reference=labelled) == chosen
+    # a composition absent from the labelled set is infinitely far: taken first
+    h2 = Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]])
+    assert select_frames(frames + [h2], np.append(scores, 0.6), 1, 0.02, 0.5, 10.0, band_order="diverse",
+                         reference=labelled) == [5]
 
 
 def test_committee_calculator_is_the_sample_covariance():
