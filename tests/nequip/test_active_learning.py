@@ -18,7 +18,8 @@ ARGS = ["run=[train]", "max_epochs=1", "batch_size=5"]
 def test_loop_end_to_end_with_finetuning(tmp_path):
     cfg = al.workspace(tmp_path, "nequip", str(al.REPO / "configs" / "nequip" / "e2ip.yaml"), ARGS,
                        train={"config": str(al.REPO / "configs" / "nequip" / "e2ip.yaml"), "args": ARGS, "mode": "finetune"},
-                       label={"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}})
+                       label={"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}},
+                       select={"budget": 3, "trust_lo": {"quantile": 0.5}, "min_distance": 0.0, "order": "diverse"})
     work = tmp_path / "work"
     res = al.run(cfg, work)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -32,10 +33,25 @@ def test_loop_end_to_end_with_finetuning(tmp_path):
     assert "nequip.model.ModelFromCheckpoint" in cmd1 and rep0["models"][0] in cmd1
     rep1 = json.loads((work / "iter_1" / "report.json").read_text())
     assert rep1["train_frames"] == 13 and np.isfinite(rep1["held_out"]["test"]["model"]["forces_mae"])
-    # the selected frames carry the e2ip model's max u, highest first
+    # the selected frames carry the e2ip model's max u, in the band
     new = [f for f in al.labelled(work) if f.info["al_iteration"] == 0]
     scores = [f.info["al_score"] for f in new]
-    assert scores == sorted(scores, reverse=True) and min(scores) >= rep0["trust_lo"]
+    assert len(scores) == 3 and min(scores) >= rep0["trust_lo"]
+    # order "diverse": iteration 0 took exactly greedy max u x distance to the initial labelled frames
+    from e2ip_plugins.active_learning import load_config, select_frames
+    from e2ip_plugins.active_learning.loop import ActiveLearningLoop
+    from e2ip_plugins.active_learning.select import frame_scores
+
+    loop = ActiveLearningLoop(load_config(cfg), work, log=lambda _: None)
+    pool = loop._pool(json.loads((work / "iter_0" / "explore.done.json").read_text())["runs"])
+    bands = json.loads((work / "iter_0" / "bands.done.json").read_text())
+    reference = loop._labelled_frames(-1)
+    assert len(reference) == 10
+    expect = select_frames(pool, frame_scores(pool), 3, 0.0, bands["trust_lo"], bands["trust_hi"],
+                           band_order="diverse", reference=reference)
+    assert len(new) == len(expect)
+    for f, i in zip(new, expect):
+        np.testing.assert_allclose(f.positions, pool[i].positions, atol=1e-6)
 
 
 def test_config_without_seed_is_refused(tmp_path):
