@@ -111,7 +111,9 @@ def report(args, out: Path) -> str:
     lines = [f"# Active-learning benchmark (MACE, {len(args.seeds)} seeds: {args.seeds})", "",
              f"Initial {args.initial} frames, {args.iterations} iterations × {args.budget} labels, committee of "
              f"{args.committee_size} plain models, MD {args.steps} steps × {len(args.temperatures)} temperatures "
-             f"{args.temperatures} K from 5 isomers, GFN2-xTB labels. Force MAE (eV/Å) of the loop's model "
+             f"{args.temperatures} K from 5 isomers (a frame every {args.interval} steps: a pool of "
+             f"{5 * len(args.temperatures) * (args.steps // args.interval)} frames per iteration), e2ip/committee "
+             f"`select.order: {args.band_order}`, GFN2-xTB labels. Force MAE (eV/Å) of the loop's model "
              "(committee: member 0) on held-out sets, mean ± std over seeds; CPU seconds per iteration (mean over seeds).", "",
              "| iteration | selector | train frames | " + " | ".join(f"{s} MAE" for s in sets) +
              " | CPU s train | explore | select | label | CPU s total |",
@@ -166,7 +168,8 @@ def main(argv=None):
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--band-order", default="uncertainty", choices=("uncertainty", "random", "diverse"),
-                   help="select.order of the e2ip/committee loops: decreasing max u, or DP-GEN's uniform draw in the band")
+                   help="select.order of the e2ip/committee loops: decreasing max u, DP-GEN's uniform draw in the band, "
+                        "or greedy max u x distance to the labelled frames")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()

@@ -1,4 +1,4 @@
-"""Selection of structures to label, and the committee calculator of the committee selector.
+"""Selection of structures to label (the committee selector's calculator is :mod:`e2ip_plugins.committee`).
 
 Score of a candidate frame: the per-structure max u = max_i sqrt(tr U_i / 3) (eV/Å) of the exploring
 calculator — the e²IP epistemic covariance (selector ``e2ip``) or the committee's 3×3 sample covariance
@@ -29,9 +29,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from ase.calculators.calculator import Calculator, all_changes
-
-from e2ip_plugins.ensemble import STRUCTURE_KEYS, structure_uncertainty_results
+from e2ip_plugins.committee import CommitteeCalculator  # noqa: F401  (the committee selector's calculator)
 
 
 def descriptor(atoms) -> np.ndarray:
@@ -122,38 +120,6 @@ def _diverse(frames: Sequence, scores: np.ndarray, ok: np.ndarray, budget: int, 
         free[j] = False
         shrink(descs[j], comps[j])
     return taken
-
-
-class CommitteeCalculator(Calculator):
-    """ASE calculator over K member calculators: mean energy and forces, and the members' 3×3 force sample
-    covariance as ``forces_covariance`` (= ``forces_covariance_epistemic``), ``forces_uncertainty``
-    u_i = sqrt(tr U_i / 3), ``forces_uncertainty_max/_mean``, ``forces_committee`` (K, N, 3)."""
-
-    implemented_properties = ["energy", "forces", "forces_covariance", "forces_covariance_epistemic",
-                              "forces_uncertainty", "forces_committee", *STRUCTURE_KEYS]
-
-    def __init__(self, members: Sequence[Calculator], **kwargs):
-        super().__init__(**kwargs)
-        if len(members) < 2:
-            raise ValueError("a committee needs at least two members")
-        self.members = list(members)
-
-    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
-        energies, forces = [], []
-        for calc in self.members:
-            a = self.atoms.copy()
-            a.calc = calc
-            energies.append(float(a.get_potential_energy()))
-            forces.append(np.array(a.get_forces(), dtype=np.float64))
-        f = np.stack(forces)  # (K, N, 3)
-        dev = f - f.mean(0)
-        cov = np.einsum("kia,kib->iab", dev, dev) / (len(self.members) - 1)
-        u = np.sqrt(np.clip(np.trace(cov, axis1=1, axis2=2) / 3.0, 0.0, None))
-        self.results = {"energy": float(np.mean(energies)), "free_energy": float(np.mean(energies)),
-                        "forces": f.mean(0), "forces_covariance": cov, "forces_covariance_epistemic": cov.copy(),
-                        "forces_uncertainty": u, "forces_committee": f,
-                        **{k: float(v) for k, v in structure_uncertainty_results(u).items()}}
 
 
 def frame_scores(frames: Sequence) -> np.ndarray:

@@ -73,6 +73,22 @@ def test_committee_combines_members(f64):
     assert res[KEY] == pytest.approx(np.sqrt(e.var(ddof=1) + np.mean(np.square(sig))), rel=1e-10)
 
 
+def test_core_committee_calculator_equals_mace_committee(f64):
+    """e2ip_plugins.committee.CommitteeCalculator over single-model calculators (the route NequIP users take)
+    gives what E2IPMACECalculator computes with several models: one committee rule for both stacks."""
+    from e2ip_plugins.committee import CommitteeCalculator
+
+    members = [_model(seed=s) for s in (0, 1, 2)]
+    ref, _ = _results(members)
+    a = first_molecule().copy()
+    a.calc = CommitteeCalculator([E2IPMACECalculator(models=[m], device="cpu", default_dtype="float64") for m in members])
+    a.get_potential_energy()
+    got = a.calc.results
+    for key in ("energy", "forces", "forces_covariance", "forces_covariance_epistemic", "forces_covariance_aleatoric",
+                "forces_covariance_committee", "forces_uncertainty", "forces_uncertainty_max", KEY, ENERGY_COMMITTEE_KEY):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-9, atol=1e-12, err_msg=key)
+
+
 def test_fit_on_validation_loader_only(f64, tmp_path):
     """fit_energy_noise stores ℓ̂ = sqrt(mean r_E²/v) over exactly the validation structures it is given."""
     from mace_ext.energy_uq import fit_energy_noise

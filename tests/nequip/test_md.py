@@ -112,3 +112,39 @@ def test_cli_unreadable_compiled_model_writes_nothing(artefacts, tmp_path):
     assert res.returncode == 2, res.stderr[-3000:]
     assert "nequip adapter cannot open" in res.stderr
     assert not out.exists()
+
+
+def test_committee_of_nequip_calculators(artefacts):
+    """A NequIP committee is e2ip_plugins.committee.CommitteeCalculator over E2IPNequIPCalculator members
+    (docs/energy_uncertainty.md §5): U_epi = mean U_epi,k + the members' force sample covariance,
+    σ_E = sqrt(Var_k E_k + mean σ²_E,k), on a real nequip-train checkpoint and a perturbed copy."""
+    import numpy as np
+
+    from e2ip_plugins.committee import CommitteeCalculator
+    from nequip_ext import E2IPNequIPCalculator
+
+    members = [E2IPNequIPCalculator.from_saved_model(artefacts["ckpt"]) for _ in range(2)]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in members[1].model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    atoms = ase.io.read(artefacts["start"])
+    singles = []
+    for m in members:
+        a = atoms.copy()
+        a.calc = m
+        a.get_forces()
+        singles.append(dict(m.results))
+    atoms.calc = CommitteeCalculator(members)
+    atoms.get_forces()
+    r = atoms.calc.results
+    f = np.stack([s["forces"] for s in singles])
+    assert np.abs(f[0] - f[1]).max() > 1e-6  # the members differ
+    c = np.einsum("kia,kib->iab", f - f.mean(0), f - f.mean(0))  # K - 1 = 1
+    np.testing.assert_allclose(r["forces_covariance_committee"], c, atol=1e-12)
+    epi = np.mean([s["forces_covariance_epistemic"] for s in singles], axis=0) + c
+    np.testing.assert_allclose(r["forces_covariance_epistemic"], epi, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(r["forces_uncertainty"], np.sqrt(np.trace(epi, axis1=1, axis2=2) / 3), rtol=1e-10)
+    e = np.array([s["energy"] for s in singles])
+    sig = np.array([s["energy_uncertainty"] for s in singles])
+    assert r["energy_uncertainty"] == pytest.approx(np.sqrt(np.var(e, ddof=1) + np.mean(sig**2)), rel=1e-10)
