@@ -2,6 +2,8 @@
 
     .venv-mace/bin/python -m benchmarks.active_learning --out al_bench              # run + report
     .venv-mace/bin/python -m benchmarks.active_learning --out al_bench --report-only
+    # the select.order: diverse variant on a pool of 200 frames per iteration (report_diverse.md)
+    .venv-mace/bin/python -m benchmarks.active_learning --out al_div --band-order diverse --steps 200 --interval 10
 
 Data (``benchmarks.data.write_splits`` on ``../shared/data``, split seed 0): the initial labelled set is
 ``--initial`` frames of the in-distribution training pool, validation ``--n-val`` frames of its
