@@ -112,7 +112,7 @@ def evaluate(cols: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, dict]:
             if kap:
                 k = kap(cs)
             else:
-                k = cs["kappa"] / (1.0 + beta * cs["kappa"] * cs["ratio"].clamp(max=RATIO_CAP))
+                k = _kappa_linear(cs, beta)
             pred = StudentTPredictive(mean=torch.zeros_like(cs["residual"]), nu=cs["nu"], kappa=k, sigma0=cs["sigma0"],
                                       sigma0_inv=cs["sigma0_inv"], sigma0_logdet=cs["sigma0_logdet"]).scaled(c)
             res["sets"][s] = UQMetricState().update(pred, cs["residual"], frame=cs["frame"]).compute()
@@ -120,11 +120,16 @@ def evaluate(cols: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, dict]:
     return results
 
 
+def _kappa_linear(cs, beta: float) -> torch.Tensor:
+    """κ_eff of the linear map: 1/κ_eff = 1/κ + β·min(r, cap)."""
+    return cs["kappa"] / (1.0 + beta * cs["kappa"] * cs["ratio"].clamp(max=RATIO_CAP))
+
+
 def _dof_predictive(cs, c: float, beta: float, a: float):
     from e2ip_plugins import StudentTPredictive
 
-    k = cs["kappa"] / (1.0 + beta * cs["kappa"] * cs["ratio"].clamp(max=RATIO_CAP))
-    return StudentTPredictive(mean=torch.zeros_like(cs["residual"]), nu=4.0 + a * (cs["nu"] - 4.0), kappa=k,
+    return StudentTPredictive(mean=torch.zeros_like(cs["residual"]), nu=4.0 + a * (cs["nu"] - 4.0),
+                              kappa=_kappa_linear(cs, beta),
                               sigma0=cs["sigma0"], sigma0_inv=cs["sigma0_inv"],
                               sigma0_logdet=cs["sigma0_logdet"]).scaled(c)
 

@@ -13,6 +13,8 @@ F_k and energies E_k (k = 1..K ≥ 2):
     σ_E,committee = sqrt(Var_k E_k)   (1/(K−1), ``energy_uncertainty_committee``)
     σ_E = sqrt(Var_k E_k + mean_k σ²_E,k)   (``energy_uncertainty``; σ_E,k = 0 for plain members)
 
+The math is :func:`~e2ip_plugins.ensemble.ensemble_predictive` (forces) and
+:func:`~e2ip_plugins.energy_noise.committee_energy` (energy); this class only gathers the members' results.
 Members with and without an e²IP head cannot be mixed (``ValueError``): the mean of their U_ale would
 be meaningless.
 """
@@ -22,9 +24,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .ensemble import STRUCTURE_KEYS, structure_uncertainty_results
+from .energy_noise import committee_energy
+from .ensemble import STRUCTURE_KEYS, ensemble_predictive, structure_uncertainty_results
+from .head_covariance import covariance_uncertainty
 
 HEAD_KEYS = ("forces_covariance_aleatoric", "forces_covariance_epistemic")
 
@@ -62,24 +67,20 @@ class CommitteeCalculator(Calculator):
         if ale and len(ale) != len(self.members):
             raise ValueError(f"{len(ale)} of {len(self.members)} committee members report e2ip covariances: "
                              "use members that all have an e2ip head, or all plain models")
-        f = np.stack(forces)  # (K, N, 3)
-        e = np.asarray(energies)
-        dev = f - f.mean(0)
-        committee = np.einsum("kia,kib->iab", dev, dev) / (len(self.members) - 1)
-        if ale:
-            u_ale = np.mean(ale, axis=0)
-            u_epi = np.mean(epi, axis=0) + committee
-            mean_var = float(np.mean(np.square(sig)))
-        else:
-            u_ale, u_epi, mean_var = np.zeros_like(committee), committee.copy(), 0.0
-        var_e = float(np.var(e, ddof=1))
-        u = np.sqrt(np.clip(np.trace(u_epi, axis1=1, axis2=2) / 3.0, 0.0, None))
-        self.results = {"energy": float(e.mean()), "free_energy": float(e.mean()), "forces": f.mean(0),
+        f = torch.as_tensor(np.stack(forces))  # (K, N, 3)
+        ens = ensemble_predictive(f, torch.as_tensor(np.stack(ale)) if ale else None, jitter=0.0)
+        committee = ens.covariance_epistemic  # C_i, 1/(K−1)
+        u_epi = committee + torch.as_tensor(np.mean(epi, axis=0)) if ale else committee.clone()
+        e = torch.tensor(energies, dtype=torch.float64).reshape(-1, 1)
+        var = torch.tensor(sig, dtype=torch.float64).reshape(-1, 1) ** 2 if ale else None
+        mean_e, var_tot, var_epi, _ = (float(x) for x in committee_energy(e, var))
+        u = covariance_uncertainty(u_epi).numpy()
+        u_ale, u_epi, committee = ens.covariance_aleatoric.numpy(), u_epi.numpy(), committee.numpy()
+        self.results = {"energy": mean_e, "free_energy": mean_e, "forces": ens.mean.numpy(),
                         "forces_covariance": u_ale + u_epi, "forces_covariance_epistemic": u_epi,
                         "forces_covariance_aleatoric": u_ale, "forces_covariance_committee": committee,
-                        "forces_uncertainty": u, "forces_committee": f,
-                        "energy_uncertainty": float(np.sqrt(var_e + mean_var)),
-                        "energy_uncertainty_committee": float(np.sqrt(var_e)),
+                        "forces_uncertainty": u, "forces_committee": f.numpy(),
+                        "energy_uncertainty": var_tot ** 0.5, "energy_uncertainty_committee": var_epi ** 0.5,
                         **{k: float(v) for k, v in structure_uncertainty_results(u).items()}}
 
 

@@ -41,12 +41,16 @@ def descriptor(atoms) -> np.ndarray:
     return np.sort(d[np.triu_indices(n, 1)])
 
 
+def _rms(da: np.ndarray, db: np.ndarray) -> float:
+    """D between two descriptors of the same composition (0 for single atoms)."""
+    return float(np.sqrt(np.mean((da - db) ** 2))) if da.size else 0.0
+
+
 def descriptor_distance(a, b) -> float:
     """D(A, B) of the module docstring (inf for different compositions)."""
-    if sorted(a.get_atomic_numbers().tolist()) != sorted(b.get_atomic_numbers().tolist()):
+    if _composition(a) != _composition(b):
         return float("inf")
-    da, db = descriptor(a), descriptor(b)
-    return float(np.sqrt(np.mean((da - db) ** 2))) if da.size else 0.0
+    return _rms(descriptor(a), descriptor(b))
 
 
 def select_frames(frames: Sequence, scores: np.ndarray, budget: int, min_distance: float, trust_lo: float,
@@ -72,13 +76,13 @@ def select_frames(frames: Sequence, scores: np.ndarray, budget: int, min_distanc
         order = np.random.default_rng(random_seed).permutation(len(frames))
     taken: List[int] = []
     descs: List[np.ndarray] = []
-    comps: List[list] = []
+    comps: List[tuple] = []
     for i in order:
         if len(taken) >= budget:
             break
         d = descriptor(frames[i])
-        comp = sorted(frames[i].get_atomic_numbers().tolist())
-        dup = any(c == comp and np.sqrt(np.mean((d - e) ** 2)) < min_distance for c, e in zip(comps, descs))
+        comp = _composition(frames[i])
+        dup = any(c == comp and _rms(d, e) < min_distance for c, e in zip(comps, descs))
         if not dup:
             taken.append(int(i))
             descs.append(d)
@@ -101,17 +105,17 @@ def _diverse(frames: Sequence, scores: np.ndarray, ok: np.ndarray, budget: int, 
     def shrink(desc: np.ndarray, comp: tuple) -> None:
         for j, (c, d) in enumerate(zip(comps, descs)):
             if c == comp:
-                m[j] = min(m[j], float(np.sqrt(np.mean((d - desc) ** 2))) if d.size else 0.0)
+                m[j] = min(m[j], _rms(d, desc))
 
     for r in reference:
         shrink(descriptor(r), _composition(r))
     taken: List[int] = []
     free = np.ones(len(ok), dtype=bool)
+    s = scores[ok]
     while len(taken) < budget:
         alive = free & (m >= min_distance)
         if not alive.any():
             break
-        s = scores[ok]
         inf = alive & np.isinf(m)
         pool = inf if inf.any() else alive
         key = np.where(pool, s if inf.any() else s * m, -np.inf)
