@@ -16,6 +16,9 @@ done by the adapters right after the force level [c, β] (so U_tot is the calibr
 the buffer ``energy_noise_length`` = [ℓ, S_fit] of :class:`EnergyUncertainty` (S_fit = number of
 validation structures, 0 = unfitted). Unfitted models and models saved before the buffer existed
 use ``DEFAULT_LENGTH_SCALE`` = 0.1 Å (an unmeasured placeholder; a warning says so).
+With an energy-noise head (:mod:`e2ip_plugins.energy_noise_head`) the same buffer holds the factor k of
+σ_E = k·sqrt(A² + Σ_i ℓ_i² tr U_tot,i/3) (dimensionless, 1 until fitted), fitted the same way with v_s the
+bracket; :func:`fit_energy_length` takes any v_s.
 Committees (deep ensembles, posterior samples): Var E = Var_k(E_k) + mean_k σ²_E,k (§5).
 """
 
@@ -23,11 +26,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
 import torch
 
 from .energy_noise import DEFAULT_LENGTH_SCALE, fit_variance_scale, segment_sum
+from .energy_noise_head import head_energy_variance
 
 ENERGY_UNCERTAINTY_KEY = "energy_uncertainty"
 BUFFER = "energy_noise_length"
@@ -53,9 +57,14 @@ class EnergyUncertainty(torch.nn.Module):
         super().__init__()
         self.register_buffer(BUFFER, torch.tensor([float(length), 0.0]))
 
-    def forward(self, force_cov: torch.Tensor, batch: torch.Tensor, num_structures: int) -> torch.Tensor:
-        ell = self.energy_noise_length[0].to(force_cov.dtype)
-        return ell * torch.sqrt(force_variance_sum(force_cov, batch, num_structures))
+    def forward(self, force_cov: torch.Tensor, batch: torch.Tensor, num_structures: int,
+                length: Optional[torch.Tensor] = None, amplitude_atom: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Without a head: ℓ·sqrt(Σ_i tr U_i/3). With an energy-noise head's per-atom ℓ_i and c_i
+        (:mod:`e2ip_plugins.energy_noise_head`): k·sqrt(A² + Σ_i ℓ_i² tr U_i/3), k the stored factor."""
+        k = self.energy_noise_length[0].to(force_cov.dtype)
+        if length is None or amplitude_atom is None:
+            return k * torch.sqrt(force_variance_sum(force_cov, batch, num_structures))
+        return k * torch.sqrt(head_energy_variance(force_cov, length, amplitude_atom, batch, num_structures))
 
     @property
     def length(self) -> float:

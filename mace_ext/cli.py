@@ -11,6 +11,9 @@ Accepts every ``mace_run_train`` flag and YAML key (same ``--config`` file), plu
 ``--e2ip_channels``, ``--e2ip_mlp``   head width (default 16, 32)
 ``--e2ip_quantile q``                 eIP quantile (default 0.5)
 ``--e2ip_force_rms σ_F``              override the force scale (default: from data)
+``--e2ip_energy_noise``               add the energy-noise head (coherent energy uncertainty, issue 15)
+``--e2ip_energy_noise_weight W``      weight of its coherent energy/force NLL term (default 1.0)
+``--e2ip_energy_noise_hidden H``      hidden width of its MLP (default 16)
 ====================================  =====================================================
 
 It then delegates to ``mace.cli.run_train.run(args)``, so MACE's data loading, EMA,
@@ -85,6 +88,7 @@ DEFAULTS = dict(
     e2ip_head="e2ip", e2ip_weight=1.0, e2ip_reg=0.1, e2ip_detach_mean=False, e2ip_residual_metric="euclidean",
     e2ip_channels=16, e2ip_mlp=32, e2ip_quantile=0.5, e2ip_force_rms=None,
     e2ip_novelty=True, e2ip_novelty_mode="linear", e2ip_novelty_power=10.0, e2ip_novelty_quantile=0.99,
+    e2ip_energy_noise=False, e2ip_energy_noise_weight=1.0, e2ip_energy_noise_hidden=16,
 )
 
 UQ_LOG_KEYS = (
@@ -169,6 +173,15 @@ def add_e2ip_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="p of the power map (U_epi grows as (s/s_ref)^p beyond the reference)")
     group.add_argument("--e2ip_novelty_quantile", type=float, default=DEFAULTS["e2ip_novelty_quantile"],
                        help="s_ref = this quantile of s over the validation atoms of each element")
+    group.add_argument("--e2ip_energy_noise", type=_str2bool, nargs="?", const=True,
+                       default=DEFAULTS["e2ip_energy_noise"],
+                       help="energy-noise head (e2ip head): per-atom length l_i and shared amplitude A = sum c_i, "
+                            "trained by the coherent energy/force NLL; energy_uncertainty = "
+                            "k*sqrt(A^2 + sum_i l_i^2 tr U_tot,i/3) (docs/energy_uncertainty.md)")
+    group.add_argument("--e2ip_energy_noise_weight", type=float, default=DEFAULTS["e2ip_energy_noise_weight"],
+                       help="weight of the coherent energy/force NLL term (per structure, / (1+3N))")
+    group.add_argument("--e2ip_energy_noise_hidden", type=int, default=DEFAULTS["e2ip_energy_noise_hidden"],
+                       help="hidden width of the energy-noise head's MLP")
     return parser
 
 
@@ -198,6 +211,11 @@ def check_e2ip_args(args) -> None:
         raise E2IPConfigError(f"--e2ip_head must be one of {HEAD_TYPES}, got {args.e2ip_head!r}")
     if args.e2ip_weight < 0 or args.e2ip_reg < 0:
         raise E2IPConfigError("--e2ip_weight and --e2ip_reg must be >= 0")
+    if args.e2ip_energy_noise and args.e2ip_head != "e2ip":
+        raise E2IPConfigError("--e2ip_energy_noise needs --e2ip_head e2ip (its local force block is the e2ip "
+                              "head's aleatoric covariance)")
+    if args.e2ip_energy_noise and not args.e2ip_energy_noise_weight > 0:
+        raise E2IPConfigError(f"--e2ip_energy_noise_weight must be > 0, got {args.e2ip_energy_noise_weight}")
     if not 0.0 < args.e2ip_quantile < 1.0:
         raise E2IPConfigError(f"--e2ip_quantile must be in (0, 1), got {args.e2ip_quantile}")
     if args.e2ip_force_rms is not None and not args.e2ip_force_rms > 0:
@@ -283,6 +301,7 @@ class E2IPRun:
         loss = E2IPLoss(
             base, weight=a.e2ip_weight, reg_weight=a.e2ip_reg, sigma_f=self.sigma_f or 1.0,
             detach_mean=a.e2ip_detach_mean, residual_metric=a.e2ip_residual_metric, quantile=a.e2ip_quantile,
+            energy_noise_weight=a.e2ip_energy_noise_weight if a.e2ip_energy_noise else 0.0,
         )
         self.losses.append(loss)
         return loss
@@ -318,6 +337,8 @@ class E2IPRun:
                 mlp_hidden=a.e2ip_mlp, quantile=a.e2ip_quantile,
                 novelty={"enabled": a.e2ip_novelty, "mode": a.e2ip_novelty_mode, "power": a.e2ip_novelty_power,
                          "quantile": a.e2ip_novelty_quantile},
+                energy_noise={"enabled": a.e2ip_energy_noise, "hidden": a.e2ip_energy_noise_hidden}
+                if a.e2ip_energy_noise else None,
             )
             self.model = model
             self.train_loader = train_loader
@@ -356,12 +377,13 @@ class E2IPRun:
             if head is None:
                 raise E2IPConfigError("e2ip: the model reaching the optimizer has no e2ip head")
             seen = {id(p) for g in groups for p in g["params"]}
-            head_params = [p for p in head.parameters() if id(p) not in seen]
+            extra = getattr(model, "e2ip_energy_noise", None)
+            head_params = [p for m in (head, extra) if m is not None for p in m.parameters() if id(p) not in seen]
             if head_params:
                 groups.append({"name": "e2ip_head", "params": head_params, "weight_decay": 0.0, "lr": args.lr})
                 seen.update(id(p) for p in head_params)
             missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
-            if any(n.startswith("e2ip_head.") for n in missing):
+            if any(n.startswith(("e2ip_head.", "e2ip_energy_noise.")) for n in missing):
                 raise E2IPConfigError(f"e2ip: head parameters missing from the optimizer: {missing}")
             if missing:
                 logging.warning(f"e2ip: trainable parameters in no optimizer group (MACE's choice): {missing}")

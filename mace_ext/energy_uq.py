@@ -12,7 +12,7 @@ from typing import Dict
 
 import torch
 
-from e2ip_plugins.energy_uq import fit_energy_length, force_variance_sum
+from e2ip_plugins.energy_uq import fit_energy_length
 
 from .model import validation_outputs
 
@@ -25,15 +25,19 @@ def fit_energy_noise(model: torch.nn.Module, valid_loaders, device=None) -> Dict
     model.eval()
     res = fit_energy_length(model.e2ip_energy_uq, energy_columns(model, valid_loaders, device))
     model.train(was_training)
-    logging.info("e2ip: energy length scale fitted on %d validation structures: l = %.4g A (val energy NLL %.4f)",
+    what = "factor k of the energy-noise head" if getattr(model, "e2ip_energy_noise_enabled", False) else \
+        "length scale l (A)"
+    logging.info("e2ip: energy %s fitted on %d validation structures: %.4g (val energy NLL %.4f)", what,
                  int(res["structures"]), res["length"], res["nll"])
     return res
 
 
 def energy_columns(model: torch.nn.Module, loaders, device):
-    """Yield per-structure validation energy residuals and Σ_i tr U_tot,i/3 (structures with an energy)."""
+    """Yield per-structure validation energy residuals (structures with an energy) and the variance the stored
+    factor k scales, (σ_E/k)²: Σ_i tr U_tot,i/3, or A² + Σ_i ℓ_i² tr U_tot,i/3 with the energy-noise head."""
+    k = model.e2ip_energy_uq.length
     for data, out in validation_outputs(model, loaders, device):
         num = data["ptr"].numel() - 1
         keep = data["energy_weight"].reshape(-1) > 0 if "energy_weight" in data else torch.ones(num, dtype=torch.bool, device=out["energy"].device)
-        yield {"energy_residual": (data["energy"] - out["energy"]).detach()[keep],
-               "force_var": force_variance_sum(out["forces_covariance"].detach(), data["batch"], num)[keep]}
+        sigma = out["energy_uncertainty"].detach().to(torch.float64)
+        yield {"energy_residual": (data["energy"] - out["energy"]).detach()[keep], "force_var": ((sigma / k) ** 2)[keep]}

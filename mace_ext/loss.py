@@ -2,12 +2,14 @@
 
 :class:`E2IPLoss` wraps any MACE loss module ``base`` (energy/forces/stress ...):
 
-    loss = base(ref, pred) + w · mean_i[ c_i · L_i ]
+    loss = base(ref, pred) + w · mean_i[ c_i · L_i ]  (+ w_E · mean_s[ c_s · NLL_s/(1+3N_s) ])
 
 with ``L_i`` the per-atom evidential loss of the head that produced ``pred``
 (``e2ip_plugins.evidential_force_loss`` or ``e2ip_plugins.eip_loss``), ``c_i`` the
 configuration weight × forces weight of atom i's structure (as in MACE's force MSE),
-and the mean DDP-corrected with MACE's ``reduce_loss``. ``sigma_f`` (σ_F, eV/Å)
+and the mean DDP-corrected with MACE's ``reduce_loss``. With ``energy_noise_weight`` w_E > 0 the
+coherent energy/force NLL of the energy-noise head is added per structure (c_s = configuration weight ×
+energy weight; issue 15, :mod:`e2ip_plugins.energy_noise_head`). ``sigma_f`` (σ_F, eV/Å)
 makes the regulariser dimensionless; ``mace_run_train_e2ip`` sets it to the RMS of
 the training forces (see :mod:`mace_ext.cli`).
 
@@ -24,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from e2ip_plugins import eip_loss, evidential_force_loss
+from e2ip_plugins import check_finite, eip_loss, evidential_force_loss
+from e2ip_plugins.energy_noise_head import coherent_head_loss
 from e2ip_plugins.metrics import COLUMNS, UQMetricState, atom_columns
 from mace.modules.loss import reduce_loss
 from mace.tools.train import MACELoss
@@ -44,8 +47,10 @@ class E2IPLoss(torch.nn.Module):
         detach_mean: bool = False,
         residual_metric: str = "euclidean",
         quantile: float = 0.5,
+        energy_noise_weight: float = 0.0,
     ):
         super().__init__()
+        self.energy_noise_weight = float(energy_noise_weight)
         self.base = base
         self.weight = float(weight)
         self.reg_weight = float(reg_weight)
@@ -71,8 +76,21 @@ class E2IPLoss(torch.nn.Module):
         gamma = forces.detach() if self.detach_mean else forces
         return eip_loss(y, gamma, head_out, q=self.quantile, reg_weight=self.reg_weight)
 
+    def energy_noise_per_structure(self, ref, pred) -> torch.Tensor:
+        """Coherent energy/force NLL / (1 + 3N) per structure (:func:`e2ip_plugins.energy_noise_head.coherent_head_loss`)."""
+        if pred.get("energy_noise_length") is None:
+            raise KeyError("--e2ip_energy_noise_weight > 0 needs the energy-noise head (--e2ip_energy_noise)")
+        num = ref.ptr.numel() - 1
+        return coherent_head_loss(ref.energy - pred["energy"], ref.forces - pred["forces"],
+                                  pred["forces_covariance_aleatoric"], pred["energy_noise_length"],
+                                  pred["energy_noise_amplitude"], ref.batch, num, pred.get("energy_noise_amplitude_grad"))
+
     def forward(self, ref, pred, ddp: Optional[bool] = None) -> torch.Tensor:
         loss = self.base(ref=ref, pred=pred, ddp=ddp)
+        if self.energy_noise_weight > 0.0:
+            per_structure = self.energy_noise_per_structure(ref, pred)
+            check_finite(per_structure, "energy-noise loss")
+            loss = loss + self.energy_noise_weight * reduce_loss(ref.weight * ref.energy_weight * per_structure, ddp)
         if self.weight == 0.0:
             return loss
         per_atom = self.evidential_per_atom(ref, pred)
@@ -84,7 +102,7 @@ class E2IPLoss(torch.nn.Module):
         return (
             f"E2IPLoss(base={self.base!r}, weight={self.weight:.3g}, reg_weight={self.reg_weight:.3g}, "
             f"sigma_f={self.sigma_f:.4g}, detach_mean={self.detach_mean}, residual_metric={self.residual_metric}, "
-            f"quantile={self.quantile})"
+            f"quantile={self.quantile}, energy_noise_weight={self.energy_noise_weight:.3g})"
         )
 
 

@@ -20,7 +20,10 @@ key                               shape      meaning
 ``e2ip_sigma0_logdet``            (N,)       log|Σ₀| (head ``e2ip``)
 ``eip_nu/alpha/beta``             (N,3)      per-component evidence (head ``eip``)
 ``e2ip_novelty``                  (N,)       s/s_ref of the novelty score (head ``e2ip``; 0 if unfitted)
-``energy_uncertainty``            (S,)       σ_E = ℓ·sqrt(Σ_i tr U_tot,i/3), eV (APPROXIMATION, see below)
+``energy_uncertainty``            (S,)       σ_E = ℓ·sqrt(Σ_i tr U_tot,i/3), eV (APPROXIMATION, see below);
+                                             with the energy-noise head k·sqrt(A² + Σ_i ℓ_i² tr U_tot,i/3)
+``energy_noise_length/amplitude`` (N,)       ℓ_i (Å), c_i (eV) of the energy-noise head (if enabled)
+``energy_noise_amplitude_grad``   (N,3)      h = ∂A/∂r (training forwards only)
 ================================  =========  ==========================================
 
 ``energy_uncertainty`` (issue 15, :mod:`e2ip_plugins.energy_uq`) is derived from the force covariance
@@ -59,6 +62,7 @@ from e2ip_plugins import (
 )
 from e2ip_plugins._e3nn import o3
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
+from e2ip_plugins.energy_noise_head import EnergyNoiseHead, NoEnergyNoiseHead, shared_amplitude_gradient
 from e2ip_plugins.energy_uq import LEGACY_WARNING, EnergyUncertainty
 from e2ip_plugins.level import fit_stored_level, scale_sigma0
 from e2ip_plugins import novelty as core_novelty
@@ -233,7 +237,17 @@ class E2IPMixin:
         out["forces_covariance_epistemic"] = cov_epi
         out["forces_covariance_aleatoric"] = cov_ale
         out["forces_uncertainty"] = covariance_uncertainty(cov_epi)
-        out["energy_uncertainty"] = self.e2ip_energy_uq(cov, data["batch"], data["ptr"].numel() - 1)
+        num_graphs = data["ptr"].numel() - 1
+        if self.e2ip_energy_noise_enabled:  # energy-noise head (issue 15, e2ip_plugins.energy_noise_head)
+            length, amp = self.e2ip_energy_noise(self.e2ip_invariants(node_feats))
+            out["energy_noise_length"] = length
+            out["energy_noise_amplitude"] = amp
+            if training:
+                out["energy_noise_amplitude_grad"] = shared_amplitude_gradient(amp, data["positions"], data["batch"],
+                                                                               num_graphs)
+            out["energy_uncertainty"] = self.e2ip_energy_uq(cov, data["batch"], num_graphs, length, amp)
+        else:
+            out["energy_uncertainty"] = self.e2ip_energy_uq(cov, data["batch"], num_graphs)
         return out
 
     def __setstate__(self, state):
@@ -243,6 +257,9 @@ class E2IPMixin:
             warnings.warn("e2ip MACE model: " + LEGACY_WARNING)
             ref = next(self.parameters())
             self.e2ip_energy_uq = EnergyUncertainty().to(device=ref.device, dtype=ref.dtype)
+        if "e2ip_energy_noise" not in self._modules:  # saved before the energy-noise head option existed
+            self.e2ip_energy_noise = NoEnergyNoiseHead()
+            self.e2ip_energy_noise_enabled = False
 
     def e2ip_config(self) -> Dict[str, Any]:
         return {
@@ -252,6 +269,7 @@ class E2IPMixin:
             "feature_block": int(self.e2ip_feature_block),
             "irreps": self.e2ip_irreps,
             "force_rms": float(self.e2ip_force_rms),
+            "energy_noise": bool(self.e2ip_energy_noise_enabled),
         }
 
 
@@ -294,6 +312,7 @@ def attach_e2ip_head(
     mlp_hidden: int = 32,
     quantile: float = 0.5,
     novelty: Optional[Dict[str, Any]] = None,
+    energy_noise: Optional[Dict[str, Any]] = None,
     **head_kwargs: Any,
 ) -> torch.nn.Module:
     """Attach an ``e2ip`` (EvidentialHead) or ``eip`` (EIPHead) head to a MACE model, in place.
@@ -301,7 +320,9 @@ def attach_e2ip_head(
     ``force_rms`` is σ_F (eV/Å), the force scale of Σ₀ (ignored by ``eip``). The head
     is created in the default dtype and moved to the model's device/dtype. ``novelty``:
     ``{enabled: True, power: 10.0, quantile: 0.99, jitter: 1e-6}`` (e2ip head only). Returns the
-    same object, now an :class:`E2IPMACE` or :class:`E2IPScaleShiftMACE`.
+    same object, now an :class:`E2IPMACE` or :class:`E2IPScaleShiftMACE`. ``energy_noise``:
+    ``{enabled: True, mlp_hidden: 16}`` adds the energy-noise head (e2ip head only; issue 15, reads the
+    invariants of every product block, :mod:`e2ip_plugins.energy_noise_head`).
     """
     if head not in HEAD_TYPES:
         raise E2IPConfigError(f"e2ip head must be one of {HEAD_TYPES}, got {head!r}")
@@ -328,12 +349,19 @@ def attach_e2ip_head(
     novelty_enabled = bool(nov.pop("enabled", True)) and head == "e2ip"
     invariants = InvariantFeatures([str(p.linear.irreps_out) for p in model.products])
     novelty_module = NoveltyEvidence(invariants.num_features, int(model.atomic_numbers.numel()), **nov)
-    energy_module = EnergyUncertainty()
+    noise = dict(energy_noise or {})
+    noise_enabled = bool(noise.pop("enabled", bool(noise)))
+    if noise_enabled and head != "e2ip":
+        raise E2IPConfigError("the energy-noise head needs --e2ip_head e2ip (its local force block is the e2ip "
+                              "head's aleatoric covariance)")
+    noise_module = EnergyNoiseHead(invariants.num_features, **noise) if noise_enabled else NoEnergyNoiseHead()
+    energy_module = EnergyUncertainty(length=1.0) if noise_enabled else EnergyUncertainty()
     try:
         ref = next(model.parameters())
         module = module.to(device=ref.device, dtype=ref.dtype)
         novelty_module = novelty_module.to(device=ref.device, dtype=ref.dtype)
         energy_module = energy_module.to(device=ref.device, dtype=ref.dtype)
+        noise_module = noise_module.to(device=ref.device, dtype=ref.dtype)
     except StopIteration:  # pragma: no cover
         pass
     model.__class__ = _SUBCLASS[base]
@@ -349,6 +377,8 @@ def attach_e2ip_head(
     model.e2ip_novelty = novelty_module
     model.e2ip_novelty_enabled = novelty_enabled
     model.e2ip_energy_uq = energy_module
+    model.e2ip_energy_noise = noise_module
+    model.e2ip_energy_noise_enabled = noise_enabled
     logging.info(
         f"e2ip: attached '{head}' head reading product block {idx} ({irreps}), sigma_F = {force_rms:.4g} eV/A, "
         f"{sum(p.numel() for p in module.parameters())} head parameters"

@@ -53,6 +53,7 @@ _LAZY = {
     "EIPHeadModule": "nequip_ext.nn",
     "EvidentialEnergyForceLoss": "nequip_ext.train",
     "EvidentialForceLossMetric": "nequip_ext.train",
+    "EnergyNoiseLossMetric": "nequip_ext.train",
     "UQMetrics": "nequip_ext.train",
     "UQScalarMetric": "nequip_ext.train",
     "UQPlotsCallback": "nequip_ext.callbacks",

@@ -14,6 +14,11 @@ FORCES_UNCERTAINTY_KEY: Final[str] = "forces_uncertainty"  # (N,) sqrt(tr U_epi 
 # (frames, 1) per-structure σ_E = ℓ·sqrt(Σ_i tr U_tot,i/3), eV (approximation, e2ip_plugins.energy_uq)
 ENERGY_UNCERTAINTY_KEY: Final[str] = "energy_uncertainty"
 
+# === energy-noise head (uq_head.energy_noise, e2ip_plugins.energy_noise_head) ===
+ENERGY_NOISE_LENGTH_KEY: Final[str] = "energy_noise_length"  # (N,) ℓ_i, Å
+ENERGY_NOISE_AMPLITUDE_KEY: Final[str] = "energy_noise_amplitude"  # (N,) c_i, eV (A = Σ_i c_i)
+ENERGY_NOISE_AMPLITUDE_GRAD_KEY: Final[str] = "energy_noise_amplitude_grad"  # (N, 3) h = ∂A/∂r_i (training only)
+
 # === raw evidence of the e²IP (NIW) head ===
 E2IP_NU_KEY: Final[str] = "e2ip_nu"  # (N,)
 E2IP_KAPPA_KEY: Final[str] = "e2ip_kappa"  # (N,)
@@ -47,6 +52,9 @@ NODE_KEYS: Final[List[str]] = CARTESIAN_KEYS + [
     EIP_NU_KEY,
     EIP_ALPHA_KEY,
     EIP_BETA_KEY,
+    ENERGY_NOISE_LENGTH_KEY,
+    ENERGY_NOISE_AMPLITUDE_KEY,
+    ENERGY_NOISE_AMPLITUDE_GRAD_KEY,
 ]
 # per-frame fields the plugin can emit
 GRAPH_KEYS: Final[List[str]] = [ENERGY_UNCERTAINTY_KEY]

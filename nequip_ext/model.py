@@ -21,6 +21,8 @@ YAML::
         num_channels: 16
         force_rms: ${training_data_stats:forces_rms}   # σ_F of Σ₀ (e2ip only)
         novelty: {enabled: true, mode: linear, quantile: 0.99}   # e2ip only; fitted by nequip_ext.NoveltyFitCallback
+        energy_noise: {enabled: true, mlp_hidden: 16}   # optional energy-noise head (issue 15, docs/energy_uncertainty.md §10);
+                                                        # train it with coeffs.energy_noise of EvidentialEnergyForceLoss
 
 ``force_rms`` default: NequIP has no single "force scale" model argument, but its
 standard configs set ``per_type_energy_scales`` to the training force RMS
@@ -38,7 +40,7 @@ from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
-from .nn import E2IPEnergyUncertaintyModule, E2IPHeadModule, E2IPNoveltyModule, EIPHeadModule
+from .nn import E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule, E2IPHeadModule, E2IPNoveltyModule, EIPHeadModule
 
 HEAD_KINDS = {"e2ip": E2IPHeadModule, "eip": EIPHeadModule}
 HEAD_MODULE_NAME = "uq_head"
@@ -80,6 +82,11 @@ def attach_uq_head(
     ``ForceStressOutput`` around the modified energy model (so its ``irreps_out`` include the head fields)."""
     cfg = dict(uq_head)
     kind = cfg.pop("kind", "e2ip")
+    noise = dict(cfg.pop("energy_noise", None) or {})
+    noise_enabled = bool(noise.pop("enabled", bool(noise)))
+    if noise_enabled and kind != "e2ip":
+        raise ValueError("uq_head.energy_noise needs uq_head.kind: e2ip (its local force block is the e2ip "
+                         "head's aleatoric covariance)")
     if kind == "e2ip" and cfg.get("force_rms", None) is None:
         cfg["force_rms"] = _default_force_rms(per_type_energy_scales)
     cfg.setdefault("num_species", int(num_species))
@@ -98,7 +105,11 @@ def attach_uq_head(
                                 head_invariants=head.invariants.num_features, **opts)
         seq.insert(NOVELTY_MODULE_NAME, nov, after=last)
     # energy_uncertainty (issue 15): reads the final forces_covariance, so it goes last
-    seq.append(ENERGY_MODULE_NAME, E2IPEnergyUncertaintyModule(irreps_in=seq.irreps_out))
+    if noise_enabled:
+        energy = E2IPEnergyNoiseModule(irreps_in=seq.irreps_out, **noise)
+    else:
+        energy = E2IPEnergyUncertaintyModule(irreps_in=seq.irreps_out)
+    seq.append(ENERGY_MODULE_NAME, energy)
     return ForceStressOutput(seq, do_derivatives=model.do_derivatives)
 
 

@@ -25,6 +25,7 @@ from nequip.nn import GraphModuleMixin
 
 from e2ip_plugins import EIPHead, EvidentialHead
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
+from e2ip_plugins.energy_noise_head import EnergyNoiseHead, shared_amplitude_gradient
 from e2ip_plugins.energy_uq import EnergyUncertainty
 from e2ip_plugins.level import scale_sigma0
 from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
@@ -188,6 +189,50 @@ class E2IPEnergyUncertaintyModule(GraphModuleMixin, torch.nn.Module):
             batch = torch.zeros(cov.shape[0], dtype=torch.long, device=cov.device)
         sigma = self.energy(cov, batch, AtomicDataDict.num_frames(data))
         data[K.ENERGY_UNCERTAINTY_KEY] = sigma.unsqueeze(-1)
+        return data
+
+
+def _frame_index(data: AtomicDataDict.Type, num_atoms: int, device: torch.device) -> torch.Tensor:
+    if AtomicDataDict.BATCH_KEY in data:
+        return data[AtomicDataDict.BATCH_KEY]
+    return torch.zeros(num_atoms, dtype=torch.long, device=device)
+
+
+class E2IPEnergyNoiseModule(GraphModuleMixin, torch.nn.Module):
+    """``energy_uncertainty`` from an energy-noise head (``uq_head.energy_noise``, issue 15, docs §10).
+
+    Reads the invariant node features after the last convnet, predicts ℓ_i (``energy_noise_length``) and
+    c_i (``energy_noise_amplitude``) with :class:`e2ip_plugins.energy_noise_head.EnergyNoiseHead`, and writes
+    σ_E = k·sqrt(A² + Σ_i ℓ_i² tr U_tot,i/3) (frames, 1), k fitted on validation energies (buffer
+    ``energy.energy_noise_length`` = [k, S_fit]). In training it also writes h = ∂A/∂r
+    (``energy_noise_amplitude_grad``) for the coherent loss term (:class:`nequip_ext.train.EnergyNoiseLossMetric`).
+    Appended last, like :class:`E2IPEnergyUncertaintyModule`.
+    """
+
+    def __init__(self, irreps_in, mlp_hidden: int = 16, init_length: float = 1.0,
+                 field: str = AtomicDataDict.NODE_FEATURES_KEY):
+        super().__init__()
+        self.field = field
+        self._init_irreps(irreps_in=irreps_in, required_irreps_in=[K.FORCES_COVARIANCE_KEY, field],
+                          irreps_out={K.ENERGY_UNCERTAINTY_KEY: "0e", K.ENERGY_NOISE_LENGTH_KEY: None,
+                                      K.ENERGY_NOISE_AMPLITUDE_KEY: None, K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY: None})
+        irreps = self.irreps_in[field]
+        if any(ir.l != 0 for _, ir in irreps):
+            raise ValueError(f"the energy-noise head reads invariant features, but {field} has irreps {irreps}")
+        self.noise_head = EnergyNoiseHead(irreps.dim, hidden=mlp_hidden, init_length=init_length)
+        self.energy = EnergyUncertainty(length=1.0)
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        cov = data[K.FORCES_COVARIANCE_KEY]
+        batch = _frame_index(data, cov.shape[0], cov.device)
+        num = AtomicDataDict.num_frames(data)
+        length, amp = self.noise_head(data[self.field])
+        data[K.ENERGY_NOISE_LENGTH_KEY] = length
+        data[K.ENERGY_NOISE_AMPLITUDE_KEY] = amp
+        if self.training:
+            data[K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY] = shared_amplitude_gradient(
+                amp, data[AtomicDataDict.POSITIONS_KEY], batch, num)
+        data[K.ENERGY_UNCERTAINTY_KEY] = self.energy(cov, batch, num, length, amp).unsqueeze(-1)
         return data
 
 

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, List, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from e2ip_plugins.energy_uq import fit_energy_length, force_variance_sum
+from e2ip_plugins.energy_uq import fit_energy_length
 from e2ip_plugins.level import fit_stored_level
 from e2ip_plugins.novelty import NoveltyFitter, fit_novelty
 from e2ip_plugins.validation_fit import fit_from_columns, prepare_one_pass, supports_one_pass
@@ -43,13 +43,18 @@ def novelty_head(model: torch.nn.Module):
 
 
 def energy_head(model: torch.nn.Module):
-    """The model's :class:`~nequip_ext.nn.E2IPEnergyUncertaintyModule` (None for models built before issue 15)."""
-    from .nn import E2IPEnergyUncertaintyModule
+    """The model's :class:`~nequip_ext.nn.E2IPEnergyUncertaintyModule` or
+    :class:`~nequip_ext.nn.E2IPEnergyNoiseModule` (None for models built before issue 15)."""
+    from .nn import E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule
 
     for mod in model.modules():
-        if isinstance(mod, E2IPEnergyUncertaintyModule):
+        if isinstance(mod, (E2IPEnergyUncertaintyModule, E2IPEnergyNoiseModule)):
             return mod
     return None
+
+
+def has_noise_head(module: torch.nn.Module) -> bool:
+    return hasattr(module, "noise_head")
 
 
 def _layers_before_head(model: torch.nn.Module) -> List[torch.nn.Module]:
@@ -98,8 +103,11 @@ def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None, o
         fitter.finish_moments()
         prepare_one_pass(head.novelty, fitter)
         energy = energy_head(model)
-        fit_from_columns(head.novelty, fitter, list(one_pass_columns(model, val_batches, energy is not None)),
-                         energy.energy if energy is not None else None)
+        one_pass_energy = energy is not None and not has_noise_head(energy)
+        fit_from_columns(head.novelty, fitter, list(one_pass_columns(model, val_batches, one_pass_energy)),
+                         energy.energy if one_pass_energy else None)
+        if energy is not None and not one_pass_energy:  # the head's ℓ_i, c_i are not in the columns: own pass
+            fit_energy_length(energy.energy, energy_columns(model, val_batches))
         model.train(was_training)
         return True
     if head is not None:
@@ -124,17 +132,19 @@ def validation_outputs(model: torch.nn.Module, batches: Iterable[dict], device=N
 
 
 def energy_columns(model: torch.nn.Module, batches: Iterable[dict], device=None):
-    """Yield per-frame validation energy residuals and Σ_i tr U_tot,i/3 (batches without energies skipped)."""
+    """Yield per-frame validation energy residuals and the variance the stored factor scales: (σ_E/k)², i.e.
+    Σ_i tr U_tot,i/3, or A² + Σ_i ℓ_i² tr U_tot,i/3 with an energy-noise head (batches without energies skipped)."""
     from nequip.data import AtomicDataDict
 
     from . import _keys as K
 
+    k = energy_head(model).energy.length
     batches = (b for b in batches if AtomicDataDict.TOTAL_ENERGY_KEY in b)
     for data, out in validation_outputs(model, batches, device):
         e = out[AtomicDataDict.TOTAL_ENERGY_KEY].detach().reshape(-1)
+        sigma = out[K.ENERGY_UNCERTAINTY_KEY].detach().reshape(-1).to(torch.float64)
         yield {"energy_residual": data[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1).to(e.dtype) - e,
-               "force_var": force_variance_sum(out[K.FORCES_COVARIANCE_KEY].detach(), out[AtomicDataDict.BATCH_KEY],
-                                               AtomicDataDict.num_frames(out))}
+               "force_var": (sigma / k) ** 2}
 
 
 def _atom_columns(data: dict, out: dict) -> dict:

@@ -30,6 +30,7 @@ from nequip.data import AtomicDataDict
 from nequip.train import EnergyForceLoss, EnergyForceMetrics, MetricsManager
 
 import e2ip_plugins
+from e2ip_plugins.energy_noise_head import coherent_head_loss
 from e2ip_plugins.metrics import COLUMNS, atom_columns, compute_metrics
 
 from . import _keys as K
@@ -130,6 +131,43 @@ class EvidentialForceLossMetric(Metric):
         return "evidential"
 
 
+class EnergyNoiseLossMetric(Metric):
+    """Coherent energy/force NLL of the energy-noise head per structure / (1 + 3N), mean over structures
+    (``field: null``; :func:`e2ip_plugins.energy_noise_head.coherent_head_loss`; docs/energy_uncertainty.md §10).
+    Residuals and U_ale are detached, so only ℓ_i, c_i and the features under them are trained."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: AtomicDataDict.Type, target: AtomicDataDict.Type) -> None:
+        if K.ENERGY_NOISE_LENGTH_KEY not in preds:
+            raise KeyError("coeffs.energy_noise needs the energy-noise head: set uq_head.energy_noise.enabled: true "
+                           "in the model (nequip_ext.EvidentialNequIPGNNModel)")
+        f64 = torch.float64
+        num = AtomicDataDict.num_frames(preds)
+        batch = preds[AtomicDataDict.BATCH_KEY] if AtomicDataDict.BATCH_KEY in preds else torch.zeros(
+            preds[AtomicDataDict.FORCE_KEY].shape[0], dtype=torch.long, device=preds[AtomicDataDict.FORCE_KEY].device)
+        r_e = (target[AtomicDataDict.TOTAL_ENERGY_KEY].to(f64) - preds[AtomicDataDict.TOTAL_ENERGY_KEY].to(f64)).reshape(-1)
+        r_f = target[AtomicDataDict.FORCE_KEY].to(f64) - preds[AtomicDataDict.FORCE_KEY].to(f64)
+        h = preds.get(K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY, None)
+        loss = coherent_head_loss(r_e, r_f, preds[K.FORCES_COVARIANCE_ALEATORIC_KEY].to(f64),
+                                  preds[K.ENERGY_NOISE_LENGTH_KEY].to(f64), preds[K.ENERGY_NOISE_AMPLITUDE_KEY].to(f64),
+                                  batch, num, None if h is None else h.to(f64))
+        e2ip_plugins.check_finite(loss, "energy-noise loss")
+        self.sum = self.sum + loss.sum()
+        self.count = self.count + loss.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    def __str__(self) -> str:
+        return "energy_noise"
+
+
 def EvidentialEnergyForceLoss(
     coeffs: Dict[str, float] = {
         AtomicDataDict.TOTAL_ENERGY_KEY: 1.0,
@@ -151,9 +189,13 @@ def EvidentialEnergyForceLoss(
     (names usable in NequIP's loss-coefficient callbacks). The force MSE term is kept so accuracy is
     not traded for variance (DESIGN §2.1); ``detach_mean: true`` stops the evidential gradient into
     the mean forces. ``force_rms`` (σ_F, set it to ``${training_data_stats:forces_rms}``) makes the
-    regulariser's residual dimensionless.
+    regulariser's residual dimensionless. ``coeffs.energy_noise`` (optional) adds the coherent energy/force
+    NLL of the energy-noise head (:class:`EnergyNoiseLossMetric`; the model needs ``uq_head.energy_noise``).
     """
     coeffs = dict(coeffs)
+    noise_coeff = coeffs.pop("energy_noise", None)
+    noise = [] if noise_coeff is None else [
+        {"name": "energy_noise", "field": None, "coeff": noise_coeff, "metric": EnergyNoiseLossMetric()}]
     ev = {
         "name": "evidential",
         "field": None,
@@ -170,7 +212,7 @@ def EvidentialEnergyForceLoss(
         coeffs=coeffs,
         per_atom_energy=per_atom_energy,
         type_names=type_names,
-        extra_metrics=[ev] + list(extra_metrics or []),
+        extra_metrics=[ev] + noise + list(extra_metrics or []),
     )
 
 

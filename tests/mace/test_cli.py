@@ -307,7 +307,7 @@ def test_energy_length_fitted_on_validation_and_in_compiled(trained, f64):
     eager = torch.load(str(work / f"{name}.model"), weights_only=False)
     ell, n_fit = eager.e2ip_energy_uq.energy_noise_length.tolist()
     assert n_fit == 8 and ell > 0 and ell != pytest.approx(0.1)
-    assert "e2ip: energy length scale fitted on 8 validation structures" in proc.stdout + proc.stderr
+    assert "e2ip: energy length scale l (A) fitted on 8 validation structures" in proc.stdout + proc.stderr
     values = []
     for models in ([eager], [torch.jit.load(str(work / f"{name}_compiled.model"))]):
         calc = E2IPMACECalculator(models=models, device="cpu", default_dtype="float64")

@@ -1,0 +1,146 @@
+"""Energy-noise head (issue 15): accuracy cost of training with the coherent likelihood, and its energy UQ.
+
+    .venv-nequip/bin/python -m benchmarks.energy_noise_head --backbone nequip --bench /tmp/bn --work /tmp/enh
+    .venv-mace/bin/python -m benchmarks.energy_noise_head --backbone mace --bench /tmp/bn --work /tmp/enh
+
+``--bench``: output folder of ``python -m benchmarks.run`` (its ``data/`` splits and ``<backbone>/settings.json``,
+the quick profile). For every seed, two e²IP models are trained with the framework's own entry point
+(``nequip-train`` / ``mace_run_train_e2ip``) at identical settings, data and seed:
+
+- ``base``: the shipped e²IP configuration (``energy_uncertainty`` = the §4 approximation);
+- ``head``: the same plus the energy-noise head and its coherent loss term (NequIP
+  ``uq_head.energy_noise.enabled=true`` and ``loss.coeffs.energy_noise=1``; MACE ``--e2ip_energy_noise
+  --e2ip_energy_noise_weight 1``).
+
+Both store their energy factor fitted on ``val`` at the end of training (as deployed). Every structure of
+val, test (ID), ood_mol and ood_hot is evaluated through the ASE calculator: force MAE (components),
+energy MAE, and the energy metrics of ``energy_uq_metrics`` for ``energy_uncertainty`` as deployed.
+A trained run is reused (``done.json``); nothing is fitted on test or OOD data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from .backends import make_backend
+
+SETS = ("val", "test", "ood_mol", "ood_hot")
+VARIANTS = ("base", "head")
+HEAD_SETTINGS = {
+    "nequip": {"head_overrides": ["++training_module.model.uq_head.energy_noise.enabled=true",
+                                  "++training_module.loss.coeffs.energy_noise=1.0"]},
+    "mace": {"head_flags": ["--e2ip_energy_noise", "--e2ip_energy_noise_weight", "1.0"]},
+}
+
+
+def _train(backbone: str, settings: dict, variant: str, seed: int, bench: Path, work: Path) -> Path:
+    s = dict(settings, **(HEAD_SETTINGS[backbone] if variant == "head" else {}))
+    backend = make_backend(backbone, s)
+    name = f"{variant}_s{seed}"
+    run_dir = work / backbone / name
+    done = run_dir / "done.json"
+    if done.is_file():
+        return Path(json.loads(done.read_text())["artifact"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files = {k: str(bench / "data" / f"{k}.xyz") for k in ("train", "val", "test")}
+    data = {"energy_key": "REF_energy", "forces_key": "REF_forces", "elements": ["C", "H", "O"]}
+    cmd = backend.train_cmd("e2ip", run_dir, name, seed, files, settings["epochs"], data)
+    t0, c0 = time.time(), os.times()
+    with open(run_dir / "train.out", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]).returncode
+    c1 = os.times()
+    if rc != 0:
+        raise RuntimeError(f"training failed ({rc}): see {run_dir / 'train.out'}")
+    art = backend.artifact(run_dir, name)
+    done.write_text(json.dumps({"artifact": str(art), "wall_s": time.time() - t0,
+                                "cpu_s": (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system),
+                                "command": " ".join(map(str, cmd))}, indent=1))
+    return art
+
+
+def _calculator(backbone: str, settings: dict, artifact: Path):
+    if backbone == "mace":
+        import e2ip_plugins  # noqa: F401
+        from mace_ext import E2IPMACECalculator
+
+        return E2IPMACECalculator(model_paths=str(artifact), device="cpu", default_dtype=settings["dtype"])
+    from nequip_ext import E2IPNequIPCalculator
+
+    return E2IPNequIPCalculator.from_saved_model(str(artifact), device="cpu", chemical_species_to_atom_type_map=True)
+
+
+def _evaluate(calc, frames) -> Dict[str, float]:
+    from e2ip_plugins.energy_noise import energy_uq_metrics
+
+    r_e, sig, df = [], [], []
+    for at in frames:
+        a = at.copy()
+        a.calc = calc
+        e = a.get_potential_energy()
+        r_e.append(float(at.info["REF_energy"]) - e)
+        sig.append(float(calc.results["energy_uncertainty"]))
+        df.append(np.abs(np.asarray(calc.results["forces"]) - at.arrays["REF_forces"]).reshape(-1))
+    out = energy_uq_metrics(np.asarray(r_e), np.asarray(sig))
+    out["forces_mae"] = float(np.concatenate(df).mean())
+    return out
+
+
+def _markdown(backbone: str, res: Dict, seeds: List[int]) -> str:
+    cols = [("forces_mae", "force MAE eV/Å"), ("energy_mae", "energy MAE eV"), ("energy_spearman", "Spearman σ_E"),
+            ("energy_auroc", "AUROC"), ("energy_coverage_90", "cov90"), ("energy_nll", "energy NLL"),
+            ("energy_sharpness", "mean σ_E eV")]
+    lines = [f"### {backbone} (seeds {seeds}; mean over seeds)", "",
+             "| variant | set | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for v in VARIANTS:
+        for s in SETS:
+            lines.append(f"| {v} | {s} | " + " | ".join(
+                f"{np.mean([res[v][seed][s][k] for seed in seeds]):.4f}" for k, _ in cols) + " |")
+    lines += ["", "| set | force MAE head/base | energy MAE head/base |", "|---|---|---|"]
+    for s in SETS:
+        ratio = [np.mean([res['head'][seed][s][k] for seed in seeds]) / np.mean([res['base'][seed][s][k] for seed in seeds])
+                 for k in ("forces_mae", "energy_mae")]
+        lines.append(f"| {s} | {ratio[0]:.3f} | {ratio[1]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", choices=("mace", "nequip"), required=True)
+    ap.add_argument("--bench", type=Path, default=Path("/tmp/bn"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/enh"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/reports/energy_uq"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import ase.io
+
+    settings = json.loads((args.bench / args.backbone / "settings.json").read_text())
+    frames = {s: ase.io.read(args.bench / "data" / f"{s}.xyz", ":") for s in SETS}
+    res: Dict = {v: {} for v in VARIANTS}
+    cost: Dict = {v: {} for v in VARIANTS}
+    for seed in args.seeds:
+        for v in VARIANTS:
+            art = _train(args.backbone, settings, v, seed, args.bench, args.work)
+            cost[v][seed] = json.loads((art.parent / "done.json").read_text())
+            calc = _calculator(args.backbone, settings, art)
+            res[v][seed] = {s: _evaluate(calc, frames[s]) for s in SETS}
+    md = _markdown(args.backbone, res, args.seeds)
+    md += "\nTraining CPU s (head/base): " + ", ".join(
+        f"s{seed}: {cost['head'][seed]['cpu_s']:.0f}/{cost['base'][seed]['cpu_s']:.0f}" for seed in args.seeds) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"energy_noise_head_{args.backbone}.json").write_text(json.dumps({"metrics": res, "cost": cost,
+                                                                                 "settings": settings}, indent=1))
+    (args.out / f"energy_noise_head_{args.backbone}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

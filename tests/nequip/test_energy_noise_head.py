@@ -1,0 +1,164 @@
+"""NequIP energy-noise head (issue 15, ``uq_head.energy_noise``): the deployed σ_E formula, h = ∂A/∂r in
+training forwards (finite differences, rotation), the loss term, config errors, and end to end through
+``nequip-train`` → ``nequip-package`` → ``nequip-compile --target e2ip_ase`` (every output path reports the
+same σ_E with the factor fitted on the validation energies)."""
+
+import csv
+import subprocess
+import sys
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+import nequip_ext
+import nequip_ext._keys as K
+from nequip.data import AtomicDataDict
+
+from e2ip_plugins.energy_noise_head import coherent_head_loss
+
+from ._cli_helpers import DATA, data, nequip_train
+from .test_energy_uq import CFG, _graphs
+
+HEAD = {"kind": "e2ip", "num_channels": 4, "mlp_hidden": 8, "energy_noise": {"enabled": True, "mlp_hidden": 6}}
+
+
+def _model():
+    m = nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head=HEAD)
+    with torch.no_grad():  # a non-trivial head: ℓ_i and c_i vary over atoms
+        m.model.func.uq_energy.noise_head.lin2.weight.normal_(0.0, 0.5)
+    return m
+
+
+def _formula(out, k):
+    tr = torch.diagonal(out[K.FORCES_COVARIANCE_KEY], dim1=-2, dim2=-1).sum(-1) / 3.0
+    ell, c = out[K.ENERGY_NOISE_LENGTH_KEY], out[K.ENERGY_NOISE_AMPLITUDE_KEY]
+    return k * torch.sqrt((ell * ell * tr).sum() + c.sum() ** 2)
+
+
+def test_sigma_formula_and_batching():
+    m = _model()
+    m.model.func.uq_energy.energy.energy_noise_length[0] = 0.6
+    m.eval()
+    graphs = _graphs(3)
+    batched = m(AtomicDataDict.batched_from_list(graphs))
+    for i, g in enumerate(graphs):
+        out = m(dict(g))
+        assert K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY not in out  # h only in training forwards
+        torch.testing.assert_close(out[K.ENERGY_UNCERTAINTY_KEY].reshape(()), _formula(out, 0.6))
+        torch.testing.assert_close(batched[K.ENERGY_UNCERTAINTY_KEY][i, 0], out[K.ENERGY_UNCERTAINTY_KEY].reshape(()))
+
+
+def _amplitude(m, g, pos):
+    d = dict(g)
+    d[AtomicDataDict.POSITIONS_KEY] = pos
+    return m(d)[K.ENERGY_NOISE_AMPLITUDE_KEY].sum()
+
+
+def test_training_forward_writes_amplitude_gradient():
+    """h = ∂A/∂r (A = Σ c_i) from the training forward equals central finite differences of A, and rotates
+    with the structure (R h)."""
+    from scipy.spatial.transform import Rotation
+
+    m = _model()
+    g = _graphs(1)[0]
+    m.train()
+    out = m(dict(g))
+    h = out[K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY].detach()
+    m.eval()
+    pos0 = g[AtomicDataDict.POSITIONS_KEY]
+    eps = 1e-5
+    for i in (0, 3):
+        for a in range(3):
+            dp = torch.zeros_like(pos0)
+            dp[i, a] = eps
+            fd = (_amplitude(m, g, pos0 + dp) - _amplitude(m, g, pos0 - dp)) / (2 * eps)
+            assert float(h[i, a]) == pytest.approx(float(fd.detach()), rel=1e-5, abs=1e-9)
+    rot = torch.as_tensor(Rotation.random(random_state=4).as_matrix(), dtype=pos0.dtype)
+    gr = dict(g)
+    gr[AtomicDataDict.POSITIONS_KEY] = pos0 @ rot.T
+    from nequip.data import compute_neighborlist_
+
+    gr = compute_neighborlist_(gr, r_max=4.0)
+    m.train()
+    hr = m(gr)[K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY].detach()
+    torch.testing.assert_close(hr, h @ rot.T, rtol=1e-7, atol=1e-10)
+
+
+def test_loss_metric_is_the_core_term():
+    from nequip_ext.train import EnergyNoiseLossMetric
+
+    m = _model()
+    m.train()
+    batch = AtomicDataDict.batched_from_list(_graphs(2))
+    pred = m(dict(batch))
+    got = EnergyNoiseLossMetric()(pred, batch)
+    want = coherent_head_loss(
+        (batch[AtomicDataDict.TOTAL_ENERGY_KEY] - pred[AtomicDataDict.TOTAL_ENERGY_KEY]).reshape(-1),
+        batch[AtomicDataDict.FORCE_KEY] - pred[AtomicDataDict.FORCE_KEY], pred[K.FORCES_COVARIANCE_ALEATORIC_KEY],
+        pred[K.ENERGY_NOISE_LENGTH_KEY], pred[K.ENERGY_NOISE_AMPLITUDE_KEY], pred[AtomicDataDict.BATCH_KEY], 2,
+        pred[K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY]).mean()
+    torch.testing.assert_close(got, want)
+    got.backward()  # reaches the head's parameters (second order through h)
+    assert m.model.func.uq_energy.noise_head.lin1.weight.grad.abs().sum() > 0
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="energy_noise needs uq_head.kind: e2ip"):
+        nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head={"kind": "eip", "energy_noise": {"enabled": True}})
+    from nequip_ext.train import EnergyNoiseLossMetric
+
+    plain = nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head={"kind": "e2ip", "num_channels": 4})
+    batch = AtomicDataDict.batched_from_list(_graphs(1))
+    with pytest.raises(KeyError, match="uq_head.energy_noise.enabled"):
+        EnergyNoiseLossMetric()(plain(dict(batch)), batch)
+
+
+def test_end_to_end_train_package_compile(tmp_path):
+    run = tmp_path / "train"
+    nequip_train(run, "run=[train]", "max_epochs=1", f"train_file={data('val')}", f"val_file={data('val')}",
+                 f"test_file={data('test')}", "training_module.model.model_dtype=float64",
+                 "++training_module.model.uq_head.energy_noise.enabled=true",
+                 "++training_module.loss.coeffs.energy_noise=1.0")
+    ckpt = run / "best.ckpt"
+    rows = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
+    assert any(r.get("train_loss_epoch/energy_noise") for r in rows)  # the term was trained and logged
+    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    (k, n_fit), = [v.tolist() for key, v in sd.items() if key.endswith("uq_energy.energy.energy_noise_length")]
+    assert n_fit == len(ase.io.read(DATA / "iso7_val.xyz", ":")) and k > 0 and k != 1.0
+    pkg, pt2 = tmp_path / "m.nequip.zip", tmp_path / "m.nequip.pt2"
+    bindir = __import__("pathlib").Path(sys.executable).parent
+    subprocess.run([str(bindir / "nequip-package"), "build", str(ckpt), str(pkg)], check=True, capture_output=True)
+    subprocess.run([str(bindir / "nequip-compile"), str(pkg), str(pt2), "--mode", "aotinductor", "--device", "cpu",
+                    "--target", "e2ip_ase"], check=True, capture_output=True)
+    from nequip_ext import E2IPNequIPCalculator
+
+    kw = dict(device="cpu", chemical_species_to_atom_type_map=True)
+    calcs = {"checkpoint": E2IPNequIPCalculator.from_saved_model(ckpt, **kw),
+             "package": E2IPNequIPCalculator.from_saved_model(pkg, **kw),
+             "compiled": E2IPNequIPCalculator.from_compiled_model(pt2, **kw)}
+    atoms = ase.io.read(DATA / "iso7_test.xyz", 0)
+    sig = {}
+    for name, calc in calcs.items():
+        a = atoms.copy()
+        a.calc = calc
+        a.get_potential_energy()
+        assert K.ENERGY_UNCERTAINTY_KEY in calc.implemented_properties, name
+        sig[name] = float(calc.results[K.ENERGY_UNCERTAINTY_KEY])
+    # the eager checkpoint model's own fields give the formula with the stored k
+    g = _graphs_of(atoms)
+    model = calcs["checkpoint"].model
+    model.eval()
+    out = model(g)
+    assert sig["checkpoint"] == pytest.approx(float(_formula(out, k)), rel=1e-8)
+    assert sig["package"] == pytest.approx(sig["checkpoint"], rel=1e-10)
+    assert sig["compiled"] == pytest.approx(sig["checkpoint"], rel=1e-6)
+
+
+def _graphs_of(atoms):
+    from nequip.data import compute_neighborlist_, from_ase
+    from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
+
+    mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=CFG["type_names"])
+    return compute_neighborlist_(mapper(from_ase(atoms)), r_max=4.0)
