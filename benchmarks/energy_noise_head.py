@@ -34,17 +34,17 @@ from .backends import make_backend
 
 SETS = ("val", "test", "ood_mol", "ood_hot")
 VARIANTS = ("base", "head")
-HEAD_SETTINGS = {
-    "nequip": {"head_overrides": ["++training_module.model.uq_head.energy_noise.enabled=true",
-                                  "++training_module.loss.coeffs.energy_noise=1.0"]},
-    "mace": {"head_flags": ["--e2ip_energy_noise", "--e2ip_energy_noise_weight", "1.0"]},
-}
+def head_settings(backbone: str, weight: float) -> dict:
+    if backbone == "nequip":
+        return {"head_overrides": ["++training_module.model.uq_head.energy_noise.enabled=true",
+                                   f"++training_module.loss.coeffs.energy_noise={weight}"]}
+    return {"head_flags": ["--e2ip_energy_noise", "--e2ip_energy_noise_weight", str(weight)]}
 
 
-def _train(backbone: str, settings: dict, variant: str, seed: int, bench: Path, work: Path) -> Path:
-    s = dict(settings, **(HEAD_SETTINGS[backbone] if variant == "head" else {}))
+def _train(backbone: str, settings: dict, variant: str, seed: int, bench: Path, work: Path, weight: float) -> Path:
+    s = dict(settings, **(head_settings(backbone, weight) if variant == "head" else {}))
     backend = make_backend(backbone, s)
-    name = f"{variant}_s{seed}"
+    name = f"{variant}_w{weight:g}_s{seed}" if variant == "head" else f"{variant}_s{seed}"
     run_dir = work / backbone / name
     done = run_dir / "done.json"
     if done.is_file():
@@ -117,6 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--bench", type=Path, default=Path("/tmp/bn"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/enh"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--weight", type=float, default=0.001, help="weight of the coherent loss term (default: the shipped one)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/reports/energy_uq"))
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -128,17 +129,19 @@ def main(argv=None) -> None:
     cost: Dict = {v: {} for v in VARIANTS}
     for seed in args.seeds:
         for v in VARIANTS:
-            art = _train(args.backbone, settings, v, seed, args.bench, args.work)
+            art = _train(args.backbone, settings, v, seed, args.bench, args.work, args.weight)
             cost[v][seed] = json.loads((art.parent / "done.json").read_text())
             calc = _calculator(args.backbone, settings, art)
             res[v][seed] = {s: _evaluate(calc, frames[s]) for s in SETS}
-    md = _markdown(args.backbone, res, args.seeds)
+    md = f"Energy-noise loss weight: {args.weight:g}\n\n" + _markdown(args.backbone, res, args.seeds)
     md += "\nTraining CPU s (head/base): " + ", ".join(
         f"s{seed}: {cost['head'][seed]['cpu_s']:.0f}/{cost['base'][seed]['cpu_s']:.0f}" for seed in args.seeds) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"energy_noise_head_{args.backbone}.json").write_text(json.dumps({"metrics": res, "cost": cost,
-                                                                                 "settings": settings}, indent=1))
-    (args.out / f"energy_noise_head_{args.backbone}.md").write_text(md)
+    tag = f"{args.backbone}_w{args.weight:g}"
+    (args.out / f"energy_noise_head_{tag}.json").write_text(json.dumps({"metrics": res, "cost": cost,
+                                                                                 "settings": settings, "weight": args.weight},
+                                                                      indent=1))
+    (args.out / f"energy_noise_head_{tag}.md").write_text(md)
     print(md)
 
 

@@ -12,7 +12,7 @@ Accepts every ``mace_run_train`` flag and YAML key (same ``--config`` file), plu
 ``--e2ip_quantile q``                 eIP quantile (default 0.5)
 ``--e2ip_force_rms σ_F``              override the force scale (default: from data)
 ``--e2ip_energy_noise``               add the energy-noise head (coherent energy uncertainty, issue 15)
-``--e2ip_energy_noise_weight W``      weight of its coherent energy/force NLL term (default 1.0)
+``--e2ip_energy_noise_weight W``      weight of its coherent energy/force NLL term (default 0.001)
 ``--e2ip_energy_noise_hidden H``      hidden width of its MLP (default 16)
 ====================================  =====================================================
 
@@ -88,7 +88,7 @@ DEFAULTS = dict(
     e2ip_head="e2ip", e2ip_weight=1.0, e2ip_reg=0.1, e2ip_detach_mean=False, e2ip_residual_metric="euclidean",
     e2ip_channels=16, e2ip_mlp=32, e2ip_quantile=0.5, e2ip_force_rms=None,
     e2ip_novelty=True, e2ip_novelty_mode="linear", e2ip_novelty_power=10.0, e2ip_novelty_quantile=0.99,
-    e2ip_energy_noise=False, e2ip_energy_noise_weight=1.0, e2ip_energy_noise_hidden=16,
+    e2ip_energy_noise=False, e2ip_energy_noise_weight=0.001, e2ip_energy_noise_hidden=16,
 )
 
 UQ_LOG_KEYS = (
@@ -179,7 +179,8 @@ def add_e2ip_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                             "trained by the coherent energy/force NLL; energy_uncertainty = "
                             "k*sqrt(A^2 + sum_i l_i^2 tr U_tot,i/3) (docs/energy_uncertainty.md)")
     group.add_argument("--e2ip_energy_noise_weight", type=float, default=DEFAULTS["e2ip_energy_noise_weight"],
-                       help="weight of the coherent energy/force NLL term (per structure, / (1+3N))")
+                       help="weight of the coherent energy/force NLL term (per structure, / (1+3N)); default chosen "
+                            "on validation MAE, docs/energy_uncertainty.md §10.3")
     group.add_argument("--e2ip_energy_noise_hidden", type=int, default=DEFAULTS["e2ip_energy_noise_hidden"],
                        help="hidden width of the energy-noise head's MLP")
     return parser
