@@ -138,6 +138,7 @@ def test_cli_end_to_end(tmp_path):
         a.get_potential_energy()
         sig.append(calc.results["energy_uncertainty"])
     assert np.isfinite(sig).all() and sig[1] == pytest.approx(sig[0], rel=1e-6)
+    (tmp_path / "bad").mkdir()
     bad = _train(tmp_path / "bad", "--e2ip_head", "eip", "--e2ip_energy_noise")[0]
     assert bad.returncode != 0 and "--e2ip_energy_noise needs --e2ip_head e2ip" in bad.stdout + bad.stderr
 

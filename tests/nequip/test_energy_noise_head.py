@@ -151,7 +151,7 @@ def test_end_to_end_train_package_compile(tmp_path):
     model = calcs["checkpoint"].model
     model.eval()
     out = model(g)
-    assert sig["checkpoint"] == pytest.approx(float(_formula(out, k)), rel=1e-8)
+    assert sig["checkpoint"] == pytest.approx(float(_formula(out, k).detach()), rel=1e-8)
     assert sig["package"] == pytest.approx(sig["checkpoint"], rel=1e-10)
     assert sig["compiled"] == pytest.approx(sig["checkpoint"], rel=1e-6)
 
