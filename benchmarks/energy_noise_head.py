@@ -8,13 +8,15 @@ the quick profile). For every seed, two e²IP models are trained with the framew
 (``nequip-train`` / ``mace_run_train_e2ip``) at identical settings, data and seed:
 
 - ``base``: the shipped e²IP configuration (``energy_uncertainty`` = the §4 approximation);
-- ``head``: the same plus the energy-noise head and its coherent loss term (NequIP
-  ``uq_head.energy_noise.enabled=true`` and ``loss.coeffs.energy_noise=1``; MACE ``--e2ip_energy_noise
-  --e2ip_energy_noise_weight 1``).
+- ``head``: the same plus the energy-noise head and its coherent loss term with weight ``--weight`` W
+  (default 0.001, the shipped one; NequIP ``uq_head.energy_noise.enabled=true`` and
+  ``loss.coeffs.energy_noise=W``; MACE ``--e2ip_energy_noise --e2ip_energy_noise_weight W``).
 
 Both store their energy factor fitted on ``val`` at the end of training (as deployed). Every structure of
 val, test (ID), ood_mol and ood_hot is evaluated through the ASE calculator: force MAE (components),
 energy MAE, and the energy metrics of ``energy_uq_metrics`` for ``energy_uncertainty`` as deployed.
+Also reported (not deployed): the 90 % / 50 % coverage if the stored ML factor were replaced by a quantile
+factor q = q₀.₉(|r|/σ on val)/1.645 (columns ``q_cov90``, ``q_cov50``), to show why it is not used.
 A trained run is reused (``done.json``); nothing is fitted on test or OOD data.
 """
 
@@ -90,13 +92,26 @@ def _evaluate(calc, frames) -> Dict[str, float]:
         df.append(np.abs(np.asarray(calc.results["forces"]) - at.arrays["REF_forces"]).reshape(-1))
     out = energy_uq_metrics(np.asarray(r_e), np.asarray(sig))
     out["forces_mae"] = float(np.concatenate(df).mean())
+    out["abs_r_over_sigma"] = (np.abs(r_e) / np.asarray(sig)).tolist()
     return out
+
+
+def _quantile_factor_coverage(per_set: Dict) -> None:
+    """Adds ``q_cov90``/``q_cov50`` per set: coverage with σ·q, q = q₀.₉(|r|/σ on val)/z₀.₉₅ (val only)."""
+    from scipy import stats
+
+    z90, z50 = stats.norm.ppf(0.95), stats.norm.ppf(0.75)
+    q = float(np.quantile(per_set["val"]["abs_r_over_sigma"], 0.9)) / z90
+    for s in SETS:
+        a = np.asarray(per_set[s].pop("abs_r_over_sigma")) / q
+        per_set[s]["q_cov90"], per_set[s]["q_cov50"] = float(np.mean(a <= z90)), float(np.mean(a <= z50))
 
 
 def _markdown(backbone: str, res: Dict, seeds: List[int]) -> str:
     cols = [("forces_mae", "force MAE eV/Å"), ("energy_mae", "energy MAE eV"), ("energy_spearman", "Spearman σ_E"),
             ("energy_auroc", "AUROC"), ("energy_coverage_90", "cov90"), ("energy_nll", "energy NLL"),
-            ("energy_sharpness", "mean σ_E eV")]
+            ("energy_sharpness", "mean σ_E eV"), ("energy_coverage_50", "cov50"),
+            ("q_cov90", "cov90 (val-quantile factor)"), ("q_cov50", "cov50 (val-quantile factor)")]
     lines = [f"### {backbone} (seeds {seeds}; mean over seeds)", "",
              "| variant | set | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for v in VARIANTS:
@@ -133,6 +148,7 @@ def main(argv=None) -> None:
             cost[v][seed] = json.loads((art.parent / "done.json").read_text())
             calc = _calculator(args.backbone, settings, art)
             res[v][seed] = {s: _evaluate(calc, frames[s]) for s in SETS}
+            _quantile_factor_coverage(res[v][seed])
     md = f"Energy-noise loss weight: {args.weight:g}\n\n" + _markdown(args.backbone, res, args.seeds)
     md += "\nTraining CPU s (head/base): " + ", ".join(
         f"s{seed}: {cost['head'][seed]['cpu_s']:.0f}/{cost['base'][seed]['cpu_s']:.0f}" for seed in args.seeds) + "\n"
