@@ -33,7 +33,6 @@ import torch
 
 from .energy_noise import amplitude_gradient, coherent_nll, segment_sum
 
-LOG_LENGTH_MIN, LOG_LENGTH_MAX = -7.0, 5.0  # ℓ_i in [1e-3, 150] Å: keeps exp finite; far outside any fitted value
 INIT_AMPLITUDE = 0.01  # eV per atom: A = 0 is a stationary point of the NLL in A, so start off it
 
 
@@ -62,7 +61,7 @@ class EnergyNoiseHead(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         o = self.lin2(torch.nn.functional.silu(self.lin1(x)))
-        log_len = o[:, 0].clamp(-7.0, 5.0)  # LOG_LENGTH_MIN, LOG_LENGTH_MAX (TorchScript takes no float globals)
+        log_len = o[:, 0].clamp(-7.0, 5.0)  # ℓ_i in [1e-3, 150] Å: keeps exp finite, far outside any fitted value
         return torch.exp(log_len), o[:, 1]
 
 

@@ -209,11 +209,13 @@ class E2IPMixin:
         node_feats = out["node_feats"]
         assert node_feats is not None
         head_out = self.e2ip_head(node_feats[:, self.e2ip_feat_start : self.e2ip_feat_stop])
+        invariants: Optional[torch.Tensor] = None  # read by the novelty score and the energy-noise head
         if self.e2ip_head_type == "e2ip":
             kappa = head_out["kappa"]
             if self.e2ip_novelty_enabled:
+                invariants = self.e2ip_invariants(node_feats)
                 ratio, kappa, calib = self.e2ip_novelty(
-                    self.e2ip_invariants(node_feats), torch.argmax(data["node_attrs"], dim=-1), kappa, training
+                    invariants, torch.argmax(data["node_attrs"], dim=-1), kappa, training
                 )
                 out["e2ip_novelty"] = ratio
                 head_out["sigma0"], head_out["sigma0_inv"], head_out["sigma0_logdet"] = scale_sigma0(
@@ -239,7 +241,9 @@ class E2IPMixin:
         out["forces_uncertainty"] = covariance_uncertainty(cov_epi)
         num_graphs = data["ptr"].numel() - 1
         if self.e2ip_energy_noise_enabled:  # energy-noise head (issue 15, e2ip_plugins.energy_noise_head)
-            length, amp = self.e2ip_energy_noise(self.e2ip_invariants(node_feats))
+            if invariants is None:
+                invariants = self.e2ip_invariants(node_feats)
+            length, amp = self.e2ip_energy_noise(invariants)
             out["energy_noise_length"] = length
             out["energy_noise_amplitude"] = amp
             if training:
@@ -321,7 +325,7 @@ def attach_e2ip_head(
     is created in the default dtype and moved to the model's device/dtype. ``novelty``:
     ``{enabled: True, power: 10.0, quantile: 0.99, jitter: 1e-6}`` (e2ip head only). Returns the
     same object, now an :class:`E2IPMACE` or :class:`E2IPScaleShiftMACE`. ``energy_noise``:
-    ``{enabled: True, mlp_hidden: 16}`` adds the energy-noise head (e2ip head only; issue 15, reads the
+    ``{enabled: True, hidden: 16}`` adds the energy-noise head (e2ip head only; issue 15, reads the
     invariants of every product block, :mod:`e2ip_plugins.energy_noise_head`).
     """
     if head not in HEAD_TYPES:

@@ -165,6 +165,12 @@ class E2IPNoveltyModule(GraphModuleMixin, torch.nn.Module):
         return _write_covariances(data, tot, epi, ale)
 
 
+def _frame_index(data: AtomicDataDict.Type, num_atoms: int, device: torch.device) -> torch.Tensor:
+    if AtomicDataDict.BATCH_KEY in data:
+        return data[AtomicDataDict.BATCH_KEY]
+    return torch.zeros(num_atoms, dtype=torch.long, device=device)
+
+
 class E2IPEnergyUncertaintyModule(GraphModuleMixin, torch.nn.Module):
     """Per-frame ``energy_uncertainty`` (frames, 1), eV: σ_E = ℓ·sqrt(Σ_i tr U_tot,i/3) (issue 15).
 
@@ -183,19 +189,9 @@ class E2IPEnergyUncertaintyModule(GraphModuleMixin, torch.nn.Module):
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         cov = data[K.FORCES_COVARIANCE_KEY]
-        if AtomicDataDict.BATCH_KEY in data:
-            batch = data[AtomicDataDict.BATCH_KEY]
-        else:
-            batch = torch.zeros(cov.shape[0], dtype=torch.long, device=cov.device)
-        sigma = self.energy(cov, batch, AtomicDataDict.num_frames(data))
+        sigma = self.energy(cov, _frame_index(data, cov.shape[0], cov.device), AtomicDataDict.num_frames(data))
         data[K.ENERGY_UNCERTAINTY_KEY] = sigma.unsqueeze(-1)
         return data
-
-
-def _frame_index(data: AtomicDataDict.Type, num_atoms: int, device: torch.device) -> torch.Tensor:
-    if AtomicDataDict.BATCH_KEY in data:
-        return data[AtomicDataDict.BATCH_KEY]
-    return torch.zeros(num_atoms, dtype=torch.long, device=device)
 
 
 class E2IPEnergyNoiseModule(GraphModuleMixin, torch.nn.Module):

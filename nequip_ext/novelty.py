@@ -54,7 +54,9 @@ def energy_head(model: torch.nn.Module):
 
 
 def has_noise_head(module: torch.nn.Module) -> bool:
-    return hasattr(module, "noise_head")
+    from .nn import E2IPEnergyNoiseModule
+
+    return isinstance(module, E2IPEnergyNoiseModule)
 
 
 def _layers_before_head(model: torch.nn.Module) -> List[torch.nn.Module]:

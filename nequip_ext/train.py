@@ -34,6 +34,7 @@ from e2ip_plugins.energy_noise_head import coherent_head_loss
 from e2ip_plugins.metrics import COLUMNS, atom_columns, compute_metrics
 
 from . import _keys as K
+from .nn import _frame_index
 
 UQ_METRIC_NAMES = (
     "forces_nll",
@@ -149,8 +150,8 @@ class EnergyNoiseLossMetric(Metric):
                            "in the model (nequip_ext.EvidentialNequIPGNNModel)")
         f64 = torch.float64
         num = AtomicDataDict.num_frames(preds)
-        batch = preds[AtomicDataDict.BATCH_KEY] if AtomicDataDict.BATCH_KEY in preds else torch.zeros(
-            preds[AtomicDataDict.FORCE_KEY].shape[0], dtype=torch.long, device=preds[AtomicDataDict.FORCE_KEY].device)
+        forces = preds[AtomicDataDict.FORCE_KEY]
+        batch = _frame_index(preds, forces.shape[0], forces.device)
         r_e = (target[AtomicDataDict.TOTAL_ENERGY_KEY].to(f64) - preds[AtomicDataDict.TOTAL_ENERGY_KEY].to(f64)).reshape(-1)
         r_f = target[AtomicDataDict.FORCE_KEY].to(f64) - preds[AtomicDataDict.FORCE_KEY].to(f64)
         h = preds.get(K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY, None)

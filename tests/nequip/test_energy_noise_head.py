@@ -4,6 +4,7 @@ training forwards (finite differences, rotation), the loss term, config errors, 
 same σ_E with the factor fitted on the validation energies)."""
 
 import csv
+import pathlib
 import subprocess
 import sys
 
@@ -128,7 +129,7 @@ def test_end_to_end_train_package_compile(tmp_path):
     (k, n_fit), = [v.tolist() for key, v in sd.items() if key.endswith("uq_energy.energy.energy_noise_length")]
     assert n_fit == len(ase.io.read(DATA / "iso7_val.xyz", ":")) and k > 0 and k != 1.0
     pkg, pt2 = tmp_path / "m.nequip.zip", tmp_path / "m.nequip.pt2"
-    bindir = __import__("pathlib").Path(sys.executable).parent
+    bindir = pathlib.Path(sys.executable).parent
     subprocess.run([str(bindir / "nequip-package"), "build", str(ckpt), str(pkg)], check=True, capture_output=True)
     subprocess.run([str(bindir / "nequip-compile"), str(pkg), str(pt2), "--mode", "aotinductor", "--device", "cpu",
                     "--target", "e2ip_ase"], check=True, capture_output=True)
