@@ -36,17 +36,29 @@ from .backends import make_backend
 
 SETS = ("val", "test", "ood_mol", "ood_hot")
 VARIANTS = ("base", "head")
-def head_settings(backbone: str, weight: float) -> dict:
+def head_settings(backbone: str, weight: float, variant: str = "head", energy_weight: float = 0.0) -> dict:
+    """Extra options of one variant; ``energy_weight`` > 0 sets the energy loss weight of both variants."""
     if backbone == "nequip":
-        return {"head_overrides": ["++training_module.model.uq_head.energy_noise.enabled=true",
-                                   f"++training_module.loss.coeffs.energy_noise={weight}"]}
-    return {"head_flags": ["--e2ip_energy_noise", "--e2ip_energy_noise_weight", str(weight)]}
+        extra = [f"training_module.loss.coeffs.total_energy={energy_weight}"] if energy_weight else []
+        if variant == "head":
+            extra += ["++training_module.model.uq_head.energy_noise.enabled=true",
+                      f"++training_module.loss.coeffs.energy_noise={weight}"]
+        return {"head_overrides": extra}
+    extra = ["--energy_weight", str(energy_weight)] if energy_weight else []
+    if variant == "head":
+        extra += ["--e2ip_energy_noise", "--e2ip_energy_noise_weight", str(weight)]
+    return {"head_flags": extra}
 
 
-def _train(backbone: str, settings: dict, variant: str, seed: int, bench: Path, work: Path, weight: float) -> Path:
-    s = dict(settings, **(head_settings(backbone, weight) if variant == "head" else {}))
+def _train(backbone: str, settings: dict, variant: str, seed: int, bench: Path, work: Path, weight: float,
+           energy_weight: float = 0.0) -> Path:
+    s = dict(settings, **head_settings(backbone, weight, variant, energy_weight))
     backend = make_backend(backbone, s)
     name = f"{variant}_w{weight:g}_s{seed}" if variant == "head" else f"{variant}_s{seed}"
+    if energy_weight:
+        name = f"ew{energy_weight:g}_{name}"
+    if settings.get("epochs_override"):
+        name = f"ep{settings['epochs']}_{name}"
     run_dir = work / backbone / name
     done = run_dir / "done.json"
     if done.is_file():
@@ -91,9 +103,18 @@ def _evaluate(calc, frames) -> Dict[str, float]:
         sig.append(float(calc.results["energy_uncertainty"]))
         df.append(np.abs(np.asarray(calc.results["forces"]) - at.arrays["REF_forces"]).reshape(-1))
     out = energy_uq_metrics(np.asarray(r_e), np.asarray(sig))
+    out["offset_share"] = _offset_share(np.asarray(r_e), [at.info.get("smiles", "") for at in frames])
     out["forces_mae"] = float(np.concatenate(df).mean())
     out["abs_r_over_sigma"] = (np.abs(r_e) / np.asarray(sig)).tolist()
     return out
+
+
+def _offset_share(residual: np.ndarray, molecule: List[str]) -> float:
+    """Share of Σ r² carried by the per-molecule mean residuals: Σ_m n_m r̄_m² / Σ r² (1: every structure of a
+    molecule is off by one constant, so no per-structure σ can make |r|/σ half-normal)."""
+    mol = np.asarray(molecule)
+    between = sum(float((mol == m).sum()) * float(residual[mol == m].mean()) ** 2 for m in np.unique(mol))
+    return between / float((residual ** 2).sum())
 
 
 def _quantile_factor_coverage(per_set: Dict) -> None:
@@ -111,7 +132,8 @@ def _markdown(backbone: str, res: Dict, seeds: List[int]) -> str:
     cols = [("forces_mae", "force MAE eV/Å"), ("energy_mae", "energy MAE eV"), ("energy_spearman", "Spearman σ_E"),
             ("energy_auroc", "AUROC"), ("energy_coverage_90", "cov90"), ("energy_nll", "energy NLL"),
             ("energy_sharpness", "mean σ_E eV"), ("energy_coverage_50", "cov50"),
-            ("q_cov90", "cov90 (val-quantile factor)"), ("q_cov50", "cov50 (val-quantile factor)")]
+            ("q_cov90", "cov90 (val-quantile factor)"), ("q_cov50", "cov50 (val-quantile factor)"),
+            ("offset_share", "per-molecule offset share of Σr²")]
     lines = [f"### {backbone} (seeds {seeds}; mean over seeds)", "",
              "| variant | set | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for v in VARIANTS:
@@ -133,27 +155,34 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/enh"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--weight", type=float, default=0.001, help="weight of the coherent loss term (default: the shipped one)")
+    ap.add_argument("--energy_weight", type=float, default=0.0,
+                    help="energy loss weight of both variants (NequIP coeffs.total_energy, MACE --energy_weight); "
+                         "0 keeps the shipped config's")
+    ap.add_argument("--epochs", type=int, default=0, help="training epochs of both variants (0: the profile's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/reports/energy_uq"))
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import ase.io
 
     settings = json.loads((args.bench / args.backbone / "settings.json").read_text())
+    if args.epochs:
+        settings.update(epochs=args.epochs, epochs_override=True)
     frames = {s: ase.io.read(args.bench / "data" / f"{s}.xyz", ":") for s in SETS}
     res: Dict = {v: {} for v in VARIANTS}
     cost: Dict = {v: {} for v in VARIANTS}
     for seed in args.seeds:
         for v in VARIANTS:
-            art = _train(args.backbone, settings, v, seed, args.bench, args.work, args.weight)
+            art = _train(args.backbone, settings, v, seed, args.bench, args.work, args.weight, args.energy_weight)
             cost[v][seed] = json.loads((art.parent / "done.json").read_text())
             calc = _calculator(args.backbone, settings, art)
             res[v][seed] = {s: _evaluate(calc, frames[s]) for s in SETS}
             _quantile_factor_coverage(res[v][seed])
-    md = f"Energy-noise loss weight: {args.weight:g}\n\n" + _markdown(args.backbone, res, args.seeds)
+    md = f"Energy-noise loss weight: {args.weight:g}; energy loss weight: {args.energy_weight or 'the config default'}\n\n" + _markdown(args.backbone, res, args.seeds)
     md += "\nTraining CPU s (head/base): " + ", ".join(
         f"s{seed}: {cost['head'][seed]['cpu_s']:.0f}/{cost['base'][seed]['cpu_s']:.0f}" for seed in args.seeds) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.backbone}_w{args.weight:g}"
+    tag = f"{args.backbone}_w{args.weight:g}" + (f"_ew{args.energy_weight:g}" if args.energy_weight else "") \
+        + (f"_ep{args.epochs}" if args.epochs else "")
     (args.out / f"energy_noise_head_{tag}.json").write_text(json.dumps({"metrics": res, "cost": cost,
                                                                                  "settings": settings, "weight": args.weight},
                                                                       indent=1))

@@ -12,7 +12,10 @@ M_i⁻¹ = D_i / (ℓ_i² tr D_i/3) has the force head's equivariant shape):
 Training term (``coherent_head_loss``): the joint Gaussian NLL of (r_E, r_F) under C = B + v vᵀ (§3,
 :func:`e2ip_plugins.energy_noise.coherent_nll`) per structure, divided by its 1 + 3N dimensions (the
 adapters average it over structures). The residuals and D are detached: the mean energy/forces keep the framework's MSE terms and
-U_ale keeps the force head's own loss, so the term trains ℓ_i, c_i (and, through them, the backbone).
+U_ale keeps the force head's own loss, so the term trains ℓ_i, c_i. With ``detach_features`` (the default) the
+head reads x_i.detach(): the term reaches the head's own weights only and leaves the backbone, hence the force and
+energy MAE, untouched; h is then computed from the attached features and enters the term as data
+(``EnergyNoiseHead.amplitude_grad``). ``detach_features=False`` trains through the backbone as well (the first version).
 
 Deployed ``energy_uncertainty`` (:class:`e2ip_plugins.energy_uq.EnergyUncertainty` with these inputs):
 
@@ -42,15 +45,20 @@ class NoEnergyNoiseHead(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return x.new_zeros(0), x.new_zeros(0)
 
+    def amplitude_grad(self, x: torch.Tensor, amplitude_atom: torch.Tensor, positions: torch.Tensor,
+                       batch: torch.Tensor, num_structures: int) -> torch.Tensor:
+        return torch.zeros_like(positions)
+
 
 class EnergyNoiseHead(torch.nn.Module):
     """Invariant features (N, F) → (ℓ_i (N,) Å, c_i (N,) eV) by Linear–SiLU–Linear (module docstring).
 
     The last layer starts at zero weight with bias [log ``init_length``, ``INIT_AMPLITUDE``]: every atom
-    starts at the same ℓ and A = N·0.01 eV."""
+    starts at the same ℓ and A = N·0.01 eV. ``detach_features``: read x.detach() (module docstring)."""
 
-    def __init__(self, num_features: int, hidden: int = 16, init_length: float = 1.0):
+    def __init__(self, num_features: int, hidden: int = 16, init_length: float = 1.0, detach_features: bool = True):
         super().__init__()
+        self.detach_features = bool(detach_features)
         if num_features < 1:
             raise ValueError(f"the energy-noise head needs invariant features, got num_features={num_features}")
         self.lin1 = torch.nn.Linear(int(num_features), int(hidden))
@@ -59,10 +67,29 @@ class EnergyNoiseHead(torch.nn.Module):
             self.lin2.weight.zero_()
             self.lin2.bias.copy_(torch.tensor([math.log(float(init_length)), INIT_AMPLITUDE]))
 
+    def __setstate__(self, state):
+        """Heads pickled before ``detach_features`` existed trained through the backbone."""
+        torch.nn.Module.__setstate__(self, state)
+        if "detach_features" not in self.__dict__:
+            self.detach_features = False
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 2) outputs [log ℓ_i (unclamped), c_i] on x as given (attached)."""
+        return self.lin2(torch.nn.functional.silu(self.lin1(x)))
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        o = self.lin2(torch.nn.functional.silu(self.lin1(x)))
+        o = self.raw(x.detach() if self.detach_features else x)
         log_len = o[:, 0].clamp(-7.0, 5.0)  # ℓ_i in [1e-3, 150] Å: keeps exp finite, far outside any fitted value
         return torch.exp(log_len), o[:, 1]
+
+    def amplitude_grad(self, x: torch.Tensor, amplitude_atom: torch.Tensor, positions: torch.Tensor,
+                       batch: torch.Tensor, num_structures: int) -> torch.Tensor:
+        """h = ∂A/∂R (N,3) for the training term. With ``detach_features`` it comes from c_i on the attached
+        features x and is detached (data for the loss); otherwise from ``amplitude_atom``, graph kept."""
+        if self.detach_features:
+            c = self.raw(x)[:, 1]
+            return shared_amplitude_gradient(c, positions, batch, num_structures).detach()
+        return shared_amplitude_gradient(amplitude_atom, positions, batch, num_structures)
 
 
 def head_energy_variance(force_cov: torch.Tensor, length: torch.Tensor, amplitude_atom: torch.Tensor,

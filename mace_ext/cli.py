@@ -14,6 +14,7 @@ Accepts every ``mace_run_train`` flag and YAML key (same ``--config`` file), plu
 ``--e2ip_energy_noise``               add the energy-noise head (coherent energy uncertainty, issue 15)
 ``--e2ip_energy_noise_weight W``      weight of its coherent energy/force NLL term (default 0.001)
 ``--e2ip_energy_noise_hidden H``      hidden width of its MLP (default 16)
+``--e2ip_energy_noise_detach B``      the head reads detached invariants: its term leaves the backbone alone (default True)
 ====================================  =====================================================
 
 It then delegates to ``mace.cli.run_train.run(args)``, so MACE's data loading, EMA,
@@ -89,6 +90,7 @@ DEFAULTS = dict(
     e2ip_channels=16, e2ip_mlp=32, e2ip_quantile=0.5, e2ip_force_rms=None,
     e2ip_novelty=True, e2ip_novelty_mode="linear", e2ip_novelty_power=10.0, e2ip_novelty_quantile=0.99,
     e2ip_energy_noise=False, e2ip_energy_noise_weight=0.001, e2ip_energy_noise_hidden=16,
+    e2ip_energy_noise_detach=True,
 )
 
 UQ_LOG_KEYS = (
@@ -183,6 +185,10 @@ def add_e2ip_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                             "on validation MAE, docs/energy_uncertainty.md §10.3")
     group.add_argument("--e2ip_energy_noise_hidden", type=int, default=DEFAULTS["e2ip_energy_noise_hidden"],
                        help="hidden width of the energy-noise head's MLP")
+    group.add_argument("--e2ip_energy_noise_detach", type=_str2bool, nargs="?", const=True,
+                       default=DEFAULTS["e2ip_energy_noise_detach"],
+                       help="the head reads detached invariants, so its loss term trains the head only and leaves "
+                            "the backbone (force/energy MAE) untouched (default True; False trains through it)")
     return parser
 
 
@@ -338,7 +344,8 @@ class E2IPRun:
                 mlp_hidden=a.e2ip_mlp, quantile=a.e2ip_quantile,
                 novelty={"enabled": a.e2ip_novelty, "mode": a.e2ip_novelty_mode, "power": a.e2ip_novelty_power,
                          "quantile": a.e2ip_novelty_quantile},
-                energy_noise={"enabled": a.e2ip_energy_noise, "hidden": a.e2ip_energy_noise_hidden}
+                energy_noise={"enabled": a.e2ip_energy_noise, "hidden": a.e2ip_energy_noise_hidden,
+                              "detach_features": a.e2ip_energy_noise_detach}
                 if a.e2ip_energy_noise else None,
             )
             self.model = model

@@ -62,7 +62,7 @@ from e2ip_plugins import (
 )
 from e2ip_plugins._e3nn import o3
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
-from e2ip_plugins.energy_noise_head import EnergyNoiseHead, NoEnergyNoiseHead, shared_amplitude_gradient
+from e2ip_plugins.energy_noise_head import EnergyNoiseHead, NoEnergyNoiseHead
 from e2ip_plugins.energy_uq import LEGACY_WARNING, EnergyUncertainty
 from e2ip_plugins.level import fit_stored_level, scale_sigma0
 from e2ip_plugins import novelty as core_novelty
@@ -247,8 +247,8 @@ class E2IPMixin:
             out["energy_noise_length"] = length
             out["energy_noise_amplitude"] = amp
             if training:
-                out["energy_noise_amplitude_grad"] = shared_amplitude_gradient(amp, data["positions"], data["batch"],
-                                                                               num_graphs)
+                out["energy_noise_amplitude_grad"] = self.e2ip_energy_noise.amplitude_grad(
+                    invariants, amp, data["positions"], data["batch"], num_graphs)
             out["energy_uncertainty"] = self.e2ip_energy_uq(cov, data["batch"], num_graphs, length, amp)
         else:
             out["energy_uncertainty"] = self.e2ip_energy_uq(cov, data["batch"], num_graphs)

@@ -21,7 +21,7 @@ YAML::
         num_channels: 16
         force_rms: ${training_data_stats:forces_rms}   # σ_F of Σ₀ (e2ip only)
         novelty: {enabled: true, mode: linear, quantile: 0.99}   # e2ip only; fitted by nequip_ext.NoveltyFitCallback
-        energy_noise: {enabled: true, mlp_hidden: 16}   # optional energy-noise head (issue 15, docs/energy_uncertainty.md §10);
+        energy_noise: {enabled: true, mlp_hidden: 16, detach_features: true}   # optional energy-noise head (issue 15, docs/energy_uncertainty.md §10);
                                                         # train it with coeffs.energy_noise: 0.001 of EvidentialEnergyForceLoss
 
 ``force_rms`` default: NequIP has no single "force scale" model argument, but its

@@ -25,7 +25,7 @@ from nequip.nn import GraphModuleMixin
 
 from e2ip_plugins import EIPHead, EvidentialHead
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
-from e2ip_plugins.energy_noise_head import EnergyNoiseHead, shared_amplitude_gradient
+from e2ip_plugins.energy_noise_head import EnergyNoiseHead
 from e2ip_plugins.energy_uq import EnergyUncertainty
 from e2ip_plugins.level import scale_sigma0
 from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
@@ -202,10 +202,11 @@ class E2IPEnergyNoiseModule(GraphModuleMixin, torch.nn.Module):
     σ_E = k·sqrt(A² + Σ_i ℓ_i² tr U_tot,i/3) (frames, 1), k fitted on validation energies (buffer
     ``energy.energy_noise_length`` = [k, S_fit]). In training it also writes h = ∂A/∂r
     (``energy_noise_amplitude_grad``) for the coherent loss term (:class:`nequip_ext.train.EnergyNoiseLossMetric`).
+    ``detach_features`` (default true): the term trains the head only, not the backbone.
     Appended last, like :class:`E2IPEnergyUncertaintyModule`.
     """
 
-    def __init__(self, irreps_in, mlp_hidden: int = 16, init_length: float = 1.0,
+    def __init__(self, irreps_in, mlp_hidden: int = 16, init_length: float = 1.0, detach_features: bool = True,
                  field: str = AtomicDataDict.NODE_FEATURES_KEY):
         super().__init__()
         self.field = field
@@ -215,7 +216,8 @@ class E2IPEnergyNoiseModule(GraphModuleMixin, torch.nn.Module):
         irreps = self.irreps_in[field]
         if any(ir.l != 0 for _, ir in irreps):
             raise ValueError(f"the energy-noise head reads invariant features, but {field} has irreps {irreps}")
-        self.noise_head = EnergyNoiseHead(irreps.dim, hidden=mlp_hidden, init_length=init_length)
+        self.noise_head = EnergyNoiseHead(irreps.dim, hidden=mlp_hidden, init_length=init_length,
+                                          detach_features=detach_features)
         self.energy = EnergyUncertainty(length=1.0)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
@@ -226,8 +228,8 @@ class E2IPEnergyNoiseModule(GraphModuleMixin, torch.nn.Module):
         data[K.ENERGY_NOISE_LENGTH_KEY] = length
         data[K.ENERGY_NOISE_AMPLITUDE_KEY] = amp
         if self.training:
-            data[K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY] = shared_amplitude_gradient(
-                amp, data[AtomicDataDict.POSITIONS_KEY], batch, num)
+            data[K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY] = self.noise_head.amplitude_grad(
+                data[self.field], amp, data[AtomicDataDict.POSITIONS_KEY], batch, num)
         data[K.ENERGY_UNCERTAINTY_KEY] = self.energy(cov, batch, num, length, amp).unsqueeze(-1)
         return data
 

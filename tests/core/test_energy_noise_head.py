@@ -92,18 +92,21 @@ def test_lengths_fit_energy_residual_scale():
     assert math.sqrt(float(var[1])) == pytest.approx(0.5, rel=0.2)
 
 
-def test_shared_amplitude_gradient_matches_finite_differences():
-    head = EnergyNoiseHead(3, hidden=6).double()
+def _invariants(pos, widths):  # rotation-invariant per-atom features: sums of Gaussians of the distances
+    d = torch.cdist(pos, pos)
+    return torch.stack([torch.exp(-d ** 2 / w).sum(-1) for w in widths], -1)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_shared_amplitude_gradient_matches_finite_differences(detach):
+    head = EnergyNoiseHead(3, hidden=6, detach_features=detach).double()
     with torch.no_grad():
         head.lin2.weight.normal_()
-
-    def invariants(pos):  # rotation-invariant per-atom features: sums of Gaussians of the distances
-        d = torch.cdist(pos, pos)
-        return torch.stack([torch.exp(-d ** 2 / w).sum(-1) for w in (0.5, 1.0, 2.0)], -1)
-
+    widths = (0.5, 1.0, 2.0)
     pos = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.2, 1.1, 0.3]], dtype=torch.float64, requires_grad=True)
     batch = torch.zeros(3, dtype=torch.long)
-    h = shared_amplitude_gradient(head(invariants(pos))[1], pos, batch, 1)
+    x = _invariants(pos, widths)
+    h = head.amplitude_grad(x, head(x)[1], pos, batch, 1)
     eps = 1e-6
     fd = torch.zeros(3, 3, dtype=torch.float64)
     for i in range(3):
@@ -111,9 +114,35 @@ def test_shared_amplitude_gradient_matches_finite_differences():
             dp = torch.zeros(3, 3, dtype=torch.float64)
             dp[i, a] = eps
             with torch.no_grad():
-                fd[i, a] = (head(invariants(pos + dp))[1].sum() - head(invariants(pos - dp))[1].sum()) / (2 * eps)
+                fd[i, a] = (head(_invariants(pos + dp, widths))[1].sum()
+                            - head(_invariants(pos - dp, widths))[1].sum()) / (2 * eps)
     torch.testing.assert_close(h.detach(), fd, rtol=1e-6, atol=1e-9)
-    assert h.requires_grad  # kept in the graph for the loss
+    assert h.requires_grad is (not detach)  # detached: data for the loss; else kept in the graph
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detached_head_term_leaves_the_backbone(detach):
+    """With detach_features the coherent term's gradient reaches the head's weights but no backbone weight."""
+    torch.manual_seed(0)
+    head = EnergyNoiseHead(3, hidden=6, detach_features=detach).double()
+    with torch.no_grad():
+        head.lin2.weight.normal_()
+    widths = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)  # a "backbone" weight
+    pos = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    batch = torch.zeros(5, dtype=torch.long)
+    d2 = ((pos[:, None] - pos[None]) ** 2).sum(-1)  # cdist has no double backward
+    x = torch.stack([torch.exp(-d2 / w).sum(-1) for w in widths], -1)
+    length, amp = head(x)
+    h = head.amplitude_grad(x, amp, pos, batch, 1)
+    d = torch.eye(3, dtype=torch.float64).expand(5, 3, 3) * 0.01
+    loss = coherent_head_loss(torch.tensor([0.3], dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64) * 0.1,
+                              d, length, amp, batch, 1, h).sum()
+    g_w, g_head = torch.autograd.grad(loss, [widths, head.lin2.weight], allow_unused=True)
+    assert g_head is not None and float(g_head.abs().max()) > 0
+    if detach:
+        assert g_w is None or float(g_w.abs().max()) == 0.0
+    else:
+        assert g_w is not None and float(g_w.abs().max()) > 0
 
 
 def test_head_init_and_deployed_sigma():
@@ -149,3 +178,13 @@ def test_torchscript():
 def test_head_needs_features():
     with pytest.raises(ValueError, match="invariant features"):
         EnergyNoiseHead(0)
+
+
+def test_old_pickled_head_trained_through_the_backbone(tmp_path):
+    """Heads pickled before detach_features existed load with it False (how they were trained)."""
+    head = EnergyNoiseHead(3, hidden=4)
+    del head.detach_features
+    torch.save(head, tmp_path / "old.pt")
+    assert torch.load(tmp_path / "old.pt", weights_only=False).detach_features is False
+    assert EnergyNoiseHead(3).detach_features is True
+

@@ -102,6 +102,15 @@ def test_loss_adds_the_core_term(f64):
                               pred["energy_noise_amplitude"], ref.batch, 2, pred["energy_noise_amplitude_grad"])
     w = ref.weight * ref.energy_weight
     torch.testing.assert_close(with_noise - plain, 0.5 * (w * term).mean())
+    # with the default detach_features the term's gradient reaches the head's weights and nothing else
+    grads = torch.autograd.grad((w * term).mean(), [p for p in model.parameters() if p.requires_grad],
+                                allow_unused=True, retain_graph=True)
+    named = [n for n, p in model.named_parameters() if p.requires_grad]
+    for n, g in zip(named, grads):
+        if n.startswith("e2ip_energy_noise."):
+            assert g is not None and float(g.abs().max()) > 0, n
+        else:
+            assert g is None or float(g.abs().max()) == 0.0, n
     with pytest.raises(KeyError, match="--e2ip_energy_noise"):
         E2IPLoss(base, energy_noise_weight=1.0)(ref, attach_e2ip_head(tiny_mace(1))(ref.to_dict(), training=True),
                                                 ddp=False)
@@ -118,6 +127,14 @@ def test_old_pickle_gets_placeholder(f64, tmp_path):
     assert torch.isfinite(out["energy_uncertainty"]).all()
 
 
+def test_detach_flag_parsed():
+    from mace_ext.cli import build_parser
+
+    base = ["--name", "x", "--train_file", "t.xyz", "--e2ip_energy_noise"]
+    assert build_parser().parse_args(base).e2ip_energy_noise_detach is True
+    assert build_parser().parse_args(base + ["--e2ip_energy_noise_detach", "False"]).e2ip_energy_noise_detach is False
+
+
 def test_config_errors():
     with pytest.raises(E2IPConfigError, match="needs --e2ip_head e2ip"):
         attach_e2ip_head(tiny_mace(1), head="eip", energy_noise={"enabled": True})
@@ -129,6 +146,7 @@ def test_cli_end_to_end(tmp_path):
     eager = torch.load(work / "noise.model", weights_only=False)
     k, n_fit = eager.e2ip_energy_uq.energy_noise_length.tolist()
     assert eager.e2ip_energy_noise_enabled and n_fit == 8 and k > 0 and k != 1.0
+    assert eager.e2ip_energy_noise.detach_features is True  # the default of --e2ip_energy_noise_detach
     assert "e2ip: energy factor k of the energy-noise head fitted on 8 validation structures" in proc.stdout + proc.stderr
     sig = []
     for path in ("noise.model", "noise_compiled.model"):

@@ -101,8 +101,11 @@ def test_loss_metric_is_the_core_term():
         pred[K.ENERGY_NOISE_LENGTH_KEY], pred[K.ENERGY_NOISE_AMPLITUDE_KEY], pred[AtomicDataDict.BATCH_KEY], 2,
         pred[K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY]).mean()
     torch.testing.assert_close(got, want)
-    got.backward()  # reaches the head's parameters (second order through h)
+    got.backward()  # reaches the head's parameters ...
     assert m.model.func.uq_energy.noise_head.lin1.weight.grad.abs().sum() > 0
+    # ... and, with the default detach_features, no other parameter (the backbone and force head)
+    others = [(n, p) for n, p in m.named_parameters() if "uq_energy.noise_head" not in n and p.requires_grad]
+    assert others and all(p.grad is None or float(p.grad.abs().max()) == 0.0 for _, p in others)
 
 
 def test_config_errors():
