@@ -10,7 +10,13 @@ the quick profile). For every seed, two e²IP models are trained with the framew
 - ``base``: the shipped e²IP configuration (``energy_uncertainty`` = the §4 approximation);
 - ``head``: the same plus the energy-noise head and its coherent loss term with weight ``--weight`` W
   (default 0.001, the shipped one; NequIP ``uq_head.energy_noise.enabled=true`` and
-  ``loss.coeffs.energy_noise=W``; MACE ``--e2ip_energy_noise --e2ip_energy_noise_weight W``).
+  ``loss.coeffs.energy_noise=W``; MACE ``--e2ip_energy_noise --e2ip_energy_noise_weight W``), with detached
+  head features (the default; ``--no_detach``: trained through the backbone, run names ``nd_head_*``).
+
+``--energy_weight X`` sets both variants' energy loss weight (NequIP ``coeffs.total_energy``, MACE
+``--energy_weight``; run names ``ewX_*``) and ``--epochs E`` their epochs (``epE_*``): a profile whose
+energies are fitted better than the quick profile's. Column ``offset_share``: the share of Σr² carried
+by per-molecule mean residuals (1: every structure of a molecule is off by one constant).
 
 Both store their energy factor fitted on ``val`` at the end of training (as deployed). Every structure of
 val, test (ID), ood_mol and ood_hot is evaluated through the ASE calculator: force MAE (components),
@@ -36,27 +42,33 @@ from .backends import make_backend
 
 SETS = ("val", "test", "ood_mol", "ood_hot")
 VARIANTS = ("base", "head")
-def head_settings(backbone: str, weight: float, variant: str = "head", energy_weight: float = 0.0) -> dict:
-    """Extra options of one variant; ``energy_weight`` > 0 sets the energy loss weight of both variants."""
+def head_settings(backbone: str, weight: float, variant: str = "head", energy_weight: float = 0.0,
+                  detach: bool = True) -> dict:
+    """Extra options of one variant; ``energy_weight`` > 0 sets the energy loss weight of both variants;
+    ``detach=False`` trains the head through the backbone (``detach_features: false``)."""
     if backbone == "nequip":
         extra = [f"training_module.loss.coeffs.total_energy={energy_weight}"] if energy_weight else []
         if variant == "head":
             extra += ["++training_module.model.uq_head.energy_noise.enabled=true",
+                      f"++training_module.model.uq_head.energy_noise.detach_features={str(detach).lower()}",
                       f"++training_module.loss.coeffs.energy_noise={weight}"]
         return {"head_overrides": extra}
     extra = ["--energy_weight", str(energy_weight)] if energy_weight else []
     if variant == "head":
-        extra += ["--e2ip_energy_noise", "--e2ip_energy_noise_weight", str(weight)]
+        extra += ["--e2ip_energy_noise", "--e2ip_energy_noise_weight", str(weight),
+                  "--e2ip_energy_noise_detach", str(detach)]
     return {"head_flags": extra}
 
 
 def _train(backbone: str, settings: dict, variant: str, seed: int, bench: Path, work: Path, weight: float,
-           energy_weight: float = 0.0) -> Path:
-    s = dict(settings, **head_settings(backbone, weight, variant, energy_weight))
+           energy_weight: float = 0.0, detach: bool = True) -> Path:
+    s = dict(settings, **head_settings(backbone, weight, variant, energy_weight, detach))
     backend = make_backend(backbone, s)
     name = f"{variant}_w{weight:g}_s{seed}" if variant == "head" else f"{variant}_s{seed}"
     if energy_weight:
         name = f"ew{energy_weight:g}_{name}"
+    if variant == "head" and not detach:
+        name = f"nd_{name}"
     if settings.get("epochs_override"):
         name = f"ep{settings['epochs']}_{name}"
     run_dir = work / backbone / name
@@ -158,6 +170,8 @@ def main(argv=None) -> None:
     ap.add_argument("--energy_weight", type=float, default=0.0,
                     help="energy loss weight of both variants (NequIP coeffs.total_energy, MACE --energy_weight); "
                          "0 keeps the shipped config's")
+    ap.add_argument("--no_detach", action="store_true",
+                    help="train the head through the backbone (detach_features false; the first version)")
     ap.add_argument("--epochs", type=int, default=0, help="training epochs of both variants (0: the profile's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/reports/energy_uq"))
     args = ap.parse_args(argv)
@@ -172,17 +186,19 @@ def main(argv=None) -> None:
     cost: Dict = {v: {} for v in VARIANTS}
     for seed in args.seeds:
         for v in VARIANTS:
-            art = _train(args.backbone, settings, v, seed, args.bench, args.work, args.weight, args.energy_weight)
+            art = _train(args.backbone, settings, v, seed, args.bench, args.work, args.weight, args.energy_weight,
+                         not args.no_detach)
             cost[v][seed] = json.loads((art.parent / "done.json").read_text())
             calc = _calculator(args.backbone, settings, art)
             res[v][seed] = {s: _evaluate(calc, frames[s]) for s in SETS}
             _quantile_factor_coverage(res[v][seed])
-    md = f"Energy-noise loss weight: {args.weight:g}; energy loss weight: {args.energy_weight or 'the config default'}\n\n" + _markdown(args.backbone, res, args.seeds)
+    md = (f"Energy-noise loss weight: {args.weight:g}; energy loss weight: {args.energy_weight or 'the config default'}; "
+          f"head features {'attached (trained through the backbone)' if args.no_detach else 'detached'}\n\n") + _markdown(args.backbone, res, args.seeds)
     md += "\nTraining CPU s (head/base): " + ", ".join(
         f"s{seed}: {cost['head'][seed]['cpu_s']:.0f}/{cost['base'][seed]['cpu_s']:.0f}" for seed in args.seeds) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.backbone}_w{args.weight:g}" + (f"_ew{args.energy_weight:g}" if args.energy_weight else "") \
-        + (f"_ep{args.epochs}" if args.epochs else "")
+        + (f"_ep{args.epochs}" if args.epochs else "") + ("_nodetach" if args.no_detach else "")
     (args.out / f"energy_noise_head_{tag}.json").write_text(json.dumps({"metrics": res, "cost": cost,
                                                                                  "settings": settings, "weight": args.weight},
                                                                       indent=1))
