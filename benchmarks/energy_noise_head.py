@@ -34,7 +34,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -106,7 +106,7 @@ def _calculator(backbone: str, settings: dict, artifact: Path):
 def _evaluate(calc, frames) -> Dict[str, float]:
     from e2ip_plugins.energy_noise import energy_uq_metrics
 
-    r_e, sig, df = [], [], []
+    r_e, sig, df, e_pred, f_pred = [], [], [], [], []
     for at in frames:
         a = at.copy()
         a.calc = calc
@@ -114,10 +114,36 @@ def _evaluate(calc, frames) -> Dict[str, float]:
         r_e.append(float(at.info["REF_energy"]) - e)
         sig.append(float(calc.results["energy_uncertainty"]))
         df.append(np.abs(np.asarray(calc.results["forces"]) - at.arrays["REF_forces"]).reshape(-1))
+        e_pred.append(float(e))
+        f_pred.append(np.asarray(calc.results["forces"], dtype=np.float64))
     out = energy_uq_metrics(np.asarray(r_e), np.asarray(sig))
+    out["_pred"] = (e_pred, f_pred)  # for the committee rows; dropped before the JSON
     out["offset_share"] = _offset_share(np.asarray(r_e), [at.info.get("smiles", "") for at in frames])
     out["forces_mae"] = float(np.concatenate(df).mean())
     out["abs_r_over_sigma"] = (np.abs(r_e) / np.asarray(sig)).tolist()
+    return out
+
+
+def _committee(members: List[Dict], frames: Dict) -> Dict[str, Dict[str, float]]:
+    """K members' (energies, forces) per set → mean prediction and σ = c·std_k(E) (1/(K−1)), c fitted by ML
+    on val only (c² = mean over val of r²/std²): the recalibrated committee of §9, same metrics."""
+    from e2ip_plugins.energy_noise import energy_uq_metrics
+
+    stats = {}
+    for s in SETS:
+        e = np.asarray([m[s]["_pred"][0] for m in members])  # (K, S)
+        f = np.asarray([np.stack(m[s]["_pred"][1]) for m in members])  # (K, S, N, 3)
+        ref_e = np.asarray([float(at.info["REF_energy"]) for at in frames[s]])
+        ref_f = np.stack([at.arrays["REF_forces"] for at in frames[s]])
+        stats[s] = (ref_e - e.mean(0), e.std(0, ddof=1), float(np.abs(f.mean(0) - ref_f).mean()))
+    r, sd, _ = stats["val"]
+    c = float(np.sqrt(np.mean((r / sd) ** 2)))
+    out = {}
+    for s, (r, sd, fmae) in stats.items():
+        out[s] = energy_uq_metrics(r, c * sd)
+        out[s].update(forces_mae=fmae, offset_share=_offset_share(r, [at.info.get("smiles", "") for at in frames[s]]),
+                      recal_factor=c)
+        out[s]["q_cov90"], out[s]["q_cov50"] = float("nan"), float("nan")  # not computed for the committee
     return out
 
 
@@ -140,7 +166,7 @@ def _quantile_factor_coverage(per_set: Dict) -> None:
         per_set[s]["q_cov90"], per_set[s]["q_cov50"] = float(np.mean(a <= z90)), float(np.mean(a <= z50))
 
 
-def _markdown(backbone: str, res: Dict, seeds: List[int]) -> str:
+def _markdown(backbone: str, res: Dict, seeds: List[int], committee: Optional[Dict] = None, committee_k: int = 0) -> str:
     cols = [("forces_mae", "force MAE eV/Å"), ("energy_mae", "energy MAE eV"), ("energy_spearman", "Spearman σ_E"),
             ("energy_auroc", "AUROC"), ("energy_coverage_90", "cov90"), ("energy_nll", "energy NLL"),
             ("energy_sharpness", "mean σ_E eV"), ("energy_coverage_50", "cov50"),
@@ -152,6 +178,10 @@ def _markdown(backbone: str, res: Dict, seeds: List[int]) -> str:
         for s in SETS:
             lines.append(f"| {v} | {s} | " + " | ".join(
                 f"{np.mean([res[v][seed][s][k] for seed in seeds]):.4f}" for k, _ in cols) + " |")
+    if committee:
+        for s in SETS:
+            lines.append(f"| committee of {committee_k} base models (σ recal. on val) | {s} | " + " | ".join(
+                f"{committee[s][k]:.4f}" for k, _ in cols) + " |")
     lines += ["", "| set | force MAE head/base | energy MAE head/base |", "|---|---|---|"]
     for s in SETS:
         ratio = [np.mean([res['head'][seed][s][k] for seed in seeds]) / np.mean([res['base'][seed][s][k] for seed in seeds])
@@ -173,6 +203,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no_detach", action="store_true",
                     help="train the head through the backbone (detach_features false; the first version)")
     ap.add_argument("--epochs", type=int, default=0, help="training epochs of both variants (0: the profile's)")
+    ap.add_argument("--ensemble_seeds", type=int, nargs="*", default=[],
+                    help="extra base seeds: the base models of --seeds and these form a committee whose energy "
+                         "std (recalibrated on val) is reported next to the head")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/reports/energy_uq"))
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -192,14 +225,24 @@ def main(argv=None) -> None:
             calc = _calculator(args.backbone, settings, art)
             res[v][seed] = {s: _evaluate(calc, frames[s]) for s in SETS}
             _quantile_factor_coverage(res[v][seed])
+    committee, members = None, [res["base"][seed] for seed in args.seeds]
+    for seed in args.ensemble_seeds:
+        art = _train(args.backbone, settings, "base", seed, args.bench, args.work, args.weight, args.energy_weight)
+        members.append({s: _evaluate(_calculator(args.backbone, settings, art), frames[s]) for s in SETS})
+    if args.ensemble_seeds:
+        committee = _committee(members, frames)
+    for m in members + [res["head"][seed] for seed in args.seeds]:
+        for s in SETS:
+            m[s].pop("_pred", None)
     md = (f"Energy-noise loss weight: {args.weight:g}; energy loss weight: {args.energy_weight or 'the config default'}; "
-          f"head features {'attached (trained through the backbone)' if args.no_detach else 'detached'}\n\n") + _markdown(args.backbone, res, args.seeds)
+          f"head features {'attached (trained through the backbone)' if args.no_detach else 'detached'}\n\n") + _markdown(
+        args.backbone, res, args.seeds, committee, len(members))
     md += "\nTraining CPU s (head/base): " + ", ".join(
         f"s{seed}: {cost['head'][seed]['cpu_s']:.0f}/{cost['base'][seed]['cpu_s']:.0f}" for seed in args.seeds) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.backbone}_w{args.weight:g}" + (f"_ew{args.energy_weight:g}" if args.energy_weight else "") \
         + (f"_ep{args.epochs}" if args.epochs else "") + ("_nodetach" if args.no_detach else "")
-    (args.out / f"energy_noise_head_{tag}.json").write_text(json.dumps({"metrics": res, "cost": cost,
+    (args.out / f"energy_noise_head_{tag}.json").write_text(json.dumps({"metrics": res, "cost": cost, "committee": committee,
                                                                                  "settings": settings, "weight": args.weight},
                                                                       indent=1))
     (args.out / f"energy_noise_head_{tag}.md").write_text(md)
