@@ -118,7 +118,7 @@ def _evaluate(calc, frames) -> Dict[str, float]:
         f_pred.append(np.asarray(calc.results["forces"], dtype=np.float64))
     out = energy_uq_metrics(np.asarray(r_e), np.asarray(sig))
     out["_pred"] = (e_pred, f_pred)  # for the committee rows; dropped before the JSON
-    out["offset_share"] = _offset_share(np.asarray(r_e), [at.info.get("smiles", "") for at in frames])
+    out["offset_share"] = _offset_share(np.asarray(r_e), frames)
     out["forces_mae"] = float(np.concatenate(df).mean())
     out["abs_r_over_sigma"] = (np.abs(r_e) / np.asarray(sig)).tolist()
     return out
@@ -141,16 +141,16 @@ def _committee(members: List[Dict], frames: Dict) -> Dict[str, Dict[str, float]]
     out = {}
     for s, (r, sd, fmae) in stats.items():
         out[s] = energy_uq_metrics(r, c * sd)
-        out[s].update(forces_mae=fmae, offset_share=_offset_share(r, [at.info.get("smiles", "") for at in frames[s]]),
+        out[s].update(forces_mae=fmae, offset_share=_offset_share(r, frames[s]),
                       recal_factor=c)
         out[s]["q_cov90"], out[s]["q_cov50"] = float("nan"), float("nan")  # not computed for the committee
     return out
 
 
-def _offset_share(residual: np.ndarray, molecule: List[str]) -> float:
-    """Share of Σ r² carried by the per-molecule mean residuals: Σ_m n_m r̄_m² / Σ r² (1: every structure of a
-    molecule is off by one constant, so no per-structure σ can make |r|/σ half-normal)."""
-    mol = np.asarray(molecule)
+def _offset_share(residual: np.ndarray, frames) -> float:
+    """Share of Σ r² carried by the per-molecule (``info['smiles']``) mean residuals: Σ_m n_m r̄_m² / Σ r²
+    (1: every structure of a molecule is off by one constant, so no per-structure σ can make |r|/σ half-normal)."""
+    mol = np.asarray([at.info.get("smiles", "") for at in frames])
     between = sum(float((mol == m).sum()) * float(residual[mol == m].mean()) ** 2 for m in np.unique(mol))
     return between / float((residual ** 2).sum())
 
