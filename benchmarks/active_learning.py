@@ -4,6 +4,8 @@
     .venv-mace/bin/python -m benchmarks.active_learning --out al_bench --report-only
     # the select.order: diverse variant on a pool of 200 frames per iteration (report_diverse.md)
     .venv-mace/bin/python -m benchmarks.active_learning --out al_div --band-order diverse --steps 200 --interval 10
+    # every selector's budget spread round-robin over the MD starts (report_stratified.md)
+    .venv-mace/bin/python -m benchmarks.active_learning --out al_strat --stratify start --selectors e2ip random
 
 Data (``benchmarks.data.write_splits`` on ``../shared/data``, split seed 0): the initial labelled set is
 ``--initial`` frames of the in-distribution training pool, validation ``--n-val`` frames of its
@@ -70,7 +72,7 @@ def al_config(args, out: Path, man: dict, selector: str, seed: int) -> Path:
         "explore": {"structures": str(out / "data" / "starts.xyz"), "temperatures": args.temperatures,
                     "steps": args.steps, "interval": args.interval, "timestep": 0.5},
         "select": {"budget": args.budget, "trust_lo": {"quantile": 0.5}, "trust_hi": {"factor": 10.0},
-                   "min_distance": 0.02, "order": args.band_order},
+                   "min_distance": 0.02, "order": args.band_order, "stratify": args.stratify},
         "label": {"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}},
     }
     path = out / "al_configs" / f"{selector}_s{seed}.yaml"
@@ -115,7 +117,8 @@ def report(args, out: Path) -> str:
              f"{args.committee_size} plain models, MD {args.steps} steps × {len(args.temperatures)} temperatures "
              f"{args.temperatures} K from 5 isomers (a frame every {args.interval} steps: a pool of "
              f"{5 * len(args.temperatures) * (args.steps // args.interval)} frames per iteration), e2ip/committee "
-             f"`select.order: {args.band_order}`, GFN2-xTB labels. Force MAE (eV/Å) of the loop's model "
+             f"`select.order: {args.band_order}`, `select.stratify: {args.stratify}` (every selector), "
+             "GFN2-xTB labels. Force MAE (eV/Å) of the loop's model "
              "(committee: member 0) on held-out sets, mean ± std over seeds; CPU seconds per iteration (mean over seeds).", "",
              "| iteration | selector | train frames | " + " | ".join(f"{s} MAE" for s in sets) +
              " | CPU s train | explore | select | label | CPU s total |",
@@ -172,6 +175,8 @@ def main(argv=None):
     p.add_argument("--band-order", default="uncertainty", choices=("uncertainty", "random", "diverse"),
                    help="select.order of the e2ip/committee loops: decreasing max u, DP-GEN's uniform draw in the band, "
                         "or greedy max u x distance to the labelled frames")
+    p.add_argument("--stratify", default="none", choices=("none", "start", "run"),
+                   help="select.stratify of every loop, random included (report_stratified.md: start)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()

@@ -34,6 +34,8 @@ Every key, with its default (paths are relative to the YAML file's directory)::
       min_distance: 0.02            # A; descriptor distance below which two selected frames are duplicates
       order: uncertainty            # candidates by decreasing max u, random (DP-GEN: uniform within the band), or
                                     # diverse (greedy max u x distance to the labelled and already chosen frames)
+      stratify: none                # none: one ranking over the pool; start: the budget round-robin over the
+                                    # MD starts (DP-GEN caps labels per system); run: over start x temperature
     label:
       calculator: tblite.ase:TBLite # import path "module:attribute" of an ASE calculator class (or factory)
       kwargs: {method: GFN2-xTB, verbosity: 0}
@@ -70,7 +72,7 @@ DEFAULTS: Dict[str, Any] = {
     "explore": {"structures": None, "temperatures": [500.0], "steps": 200, "timestep": 0.5, "friction": 0.01,
                 "interval": 10, "udd": None},
     "select": {"budget": 50, "trust_lo": {"quantile": 0.9}, "trust_hi": math.inf, "min_distance": 0.02,
-               "order": "uncertainty"},
+               "order": "uncertainty", "stratify": "none"},
     "label": {"calculator": None, "kwargs": {}},
     "wandb": None,
 }
@@ -193,6 +195,11 @@ def load_config(path) -> Dict[str, Any]:
     s["min_distance"] = _positive(s["min_distance"], "select.min_distance", allow_zero=True)
     if s["order"] not in ("uncertainty", "random", "diverse"):
         raise ALConfigError(f"select.order must be uncertainty, random or diverse, got {s['order']!r}")
+    if s["stratify"] not in ("none", "start", "run"):
+        raise ALConfigError(f"select.stratify must be none, start or run, got {s['stratify']!r}")
+    if s["order"] == "diverse" and s["stratify"] != "none":
+        raise ALConfigError("select.order diverse already spreads the budget by distance; set select.stratify: none "
+                            "with it")
     s["trust_lo"] = check_band(s["trust_lo"], "select.trust_lo")
     s["trust_hi"] = check_band(s["trust_hi"], "select.trust_hi")
     if isinstance(s["trust_lo"], float) and isinstance(s["trust_hi"], float) and not s["trust_lo"] < s["trust_hi"]:

@@ -83,6 +83,9 @@ class ActiveLearningLoop:
         mine = json.loads(json.dumps(run_fingerprint(self.cfg), default=float))
         if stored.is_file():
             theirs = read_json(stored)
+            # work directories started before select.order / select.stratify existed ranked the whole pool at once
+            for key, before in (("order", "uncertainty"), ("stratify", "none")):
+                theirs.get("select", {}).setdefault(key, before)
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             if diff:
                 raise ALConfigError(f"--workdir {self.dir} was started with a different configuration (keys {diff} "
@@ -229,7 +232,9 @@ class ActiveLearningLoop:
         rnd = cfg["seed"] * 7919 + k if cfg["selector"] == "random" else None
         chosen = select_frames(pool, scores, s["budget"], s["min_distance"], lo, hi, random_seed=rnd,
                                band_order=s["order"], band_seed=cfg["seed"] * 7919 + k,
-                               reference=self._labelled_frames(k - 1) if s["order"] == "diverse" else ())
+                               reference=self._labelled_frames(k - 1) if s["order"] == "diverse" else (),
+                               groups=None if s["stratify"] == "none" else
+                               [a.info["al_" + s["stratify"]] for a in pool])
         frames = []
         for i in chosen:
             a = pool[i].copy()

@@ -9,6 +9,13 @@ distance to what is already labelled (``diverse``, below), skipping any frame cl
 ``min_distance`` to one already taken, until the budget is met. Selector ``random``
 draws candidates uniformly from all explored frames (no band) with the same duplicate rule.
 
+``select.stratify: start`` (or ``run``) spreads the budget over the exploration starts (or over the MD runs,
+start × temperature), as DP-GEN caps its labels per system (``fp_task_max``): each stratum's candidates
+keep the order above, and the strata are visited round-robin — the first of every stratum, then the
+second, … — beginning with the stratum whose first candidate comes first in that order. A stratum that
+runs out leaves its share to the others, so the budget is still spent whenever there are enough candidates.
+Without it one uncertain trajectory can take the whole budget in near-consecutive frames.
+
 ``diverse`` (uncertainty-weighted farthest-point batch selection): with R = the labelled training
 frames plus the frames picked so far, the next frame is
 
@@ -55,12 +62,13 @@ def descriptor_distance(a, b) -> float:
 
 def select_frames(frames: Sequence, scores: np.ndarray, budget: int, min_distance: float, trust_lo: float,
                   trust_hi: float, random_seed: Optional[int] = None, band_order: str = "uncertainty",
-                  band_seed: int = 0, reference: Sequence = ()) -> List[int]:
+                  band_seed: int = 0, reference: Sequence = (), groups: Optional[Sequence] = None) -> List[int]:
     """Indices of the frames to label (module docstring); ``random_seed`` set = the random selector (no band).
 
     ``band_order``: ``uncertainty`` takes the band's candidates by decreasing score; ``random`` in a seeded
     random order (``band_seed``; DP-GEN's uniform choice among its candidates); ``diverse`` greedily by
     score × distance to ``reference`` (the labelled frames) and to the frames already taken.
+    ``groups`` (one hashable label per frame): stratified round-robin over the labels (module docstring).
     """
     scores = np.asarray(scores, dtype=np.float64)
     if random_seed is None and band_order == "diverse":
@@ -74,6 +82,8 @@ def select_frames(frames: Sequence, scores: np.ndarray, budget: int, min_distanc
             order = ok[np.argsort(-scores[ok], kind="stable")]
     else:
         order = np.random.default_rng(random_seed).permutation(len(frames))
+    if groups is not None:
+        order = round_robin(order, groups)
     taken: List[int] = []
     descs: List[np.ndarray] = []
     comps: List[tuple] = []
@@ -88,6 +98,19 @@ def select_frames(frames: Sequence, scores: np.ndarray, budget: int, min_distanc
             descs.append(d)
             comps.append(comp)
     return taken
+
+
+def round_robin(order: Sequence[int], groups: Sequence) -> np.ndarray:
+    """``order`` interleaved over ``groups``: the first of every group, then the second, …; the groups by the
+    position of their first member in ``order``, each keeping its members' relative order."""
+    lists: Dict = {}
+    for i in order:
+        lists.setdefault(groups[int(i)], []).append(int(i))
+    out: List[int] = []
+    queues = list(lists.values())
+    for rank in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[rank] for q in queues if rank < len(q))
+    return np.array(out, dtype=np.int64)
 
 
 def _composition(atoms) -> tuple:

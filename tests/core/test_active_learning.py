@@ -11,6 +11,7 @@ from ase import Atoms
 from ase.calculators.lj import LennardJones
 
 from e2ip_plugins.active_learning import ALConfigError, CommitteeCalculator, descriptor_distance, load_config, select_frames
+from e2ip_plugins.active_learning.select import round_robin
 from e2ip_plugins.active_learning.label import failures, label_frames, load_labeller
 from e2ip_plugins.active_learning.select import band_counts
 
@@ -63,6 +64,8 @@ def test_config_defaults_and_paths(tmp_path):
     ({"train.mode": "resume"}, "train.mode must be scratch or finetune"),
     ({"explore.steps": 0}, "explore.steps must be"),
     ({"select.order": "best"}, "select.order must be uncertainty, random or diverse"),
+    ({"select.stratify": "isomer"}, "select.stratify must be none, start or run"),
+    ({"select.order": "diverse", "select.stratify": "start"}, "set select.stratify: none"),
 ])
 def test_config_errors_say_what_to_change(tmp_path, over, message):
     with pytest.raises(ALConfigError, match=None) as err:
@@ -111,6 +114,32 @@ def test_select_band_budget_order_and_duplicates():
     assert b1 == b2 and len(b1) == 4 and set(b1) <= {1, 2, 4, 5, 7, 8} and not {5, 8} <= set(b1)
     draws = {tuple(select_frames(frames, scores, 4, 0.02, 0.25, 1.5, band_order="random", band_seed=s)) for s in range(10)}
     assert len(draws) > 1
+
+
+def test_select_stratified_round_robin_over_starts():
+    frames = [_molecule(i, jitter=0.2) for i in range(9)]
+    # start A holds the three most uncertain frames; unstratified, it takes the whole budget
+    starts = ["A", "A", "A", "B", "B", "C", "C", "C", "C"]
+    scores = np.array([0.9, 0.95, 0.85, 0.5, 0.6, 0.4, 0.45, 0.3, 3.0])
+    assert select_frames(frames, scores, 3, 0.0, 0.1, 2.0) == [1, 0, 2]
+    # round-robin: the best of A, then of B, then of C (frame 8 is above trust_hi), then A's second, ...
+    chosen = select_frames(frames, scores, 5, 0.0, 0.1, 2.0, groups=starts)
+    assert chosen == [1, 4, 6, 0, 3]
+    # an exhausted start leaves its share to the others: the budget is still spent
+    assert len(select_frames(frames, scores, 8, 0.0, 0.1, 2.0, groups=starts)) == 8
+    # the DP-GEN order and the random selector are stratified the same way (within-start order kept)
+    b = select_frames(frames, scores, 3, 0.0, 0.1, 2.0, band_order="random", band_seed=4, groups=starts)
+    assert sorted(starts[i] for i in b) == ["A", "B", "C"]
+    r = select_frames(frames, scores, 3, 0.0, 0.1, 2.0, random_seed=5, groups=starts)
+    assert sorted(starts[i] for i in r) == ["A", "B", "C"]
+    # groups by their first member in the order, each keeping its own order
+    assert round_robin([3, 1, 0, 2], ["x", "y", "x", "y"]).tolist() == [3, 0, 1, 2]
+    assert round_robin([0, 2, 1, 3], ["x", "y", "x", "y"]).tolist() == [0, 1, 2, 3]
+
+
+def test_select_stratify_config(tmp_path):
+    assert load_config(_write_min_config(tmp_path))["select"]["stratify"] == "none"
+    assert load_config(_write_min_config(tmp_path, **{"select.stratify": "run"}))["select"]["stratify"] == "run"
 
 
 def test_select_diverse_is_score_times_distance_to_labelled_and_taken():

@@ -134,10 +134,15 @@ def test_random_selector_a_labeller_that_raises_and_finetuning(tmp_path):
     cfg = al.workspace(tmp_path, "mace", e2ip_cfg, [], selector="random", iterations=1,
                        train={"config": e2ip_cfg, "args": [], "mode": "finetune"},
                        label={"calculator": "tests.al_labellers:RaisingXTB", "kwargs": {}},
-                       select={"budget": 6, "trust_lo": {"quantile": 0.5}, "min_distance": 0.0})
+                       select={"budget": 6, "trust_lo": {"quantile": 0.5}, "min_distance": 0.0, "stratify": "start"})
     work = tmp_path / "work"
     res = al.run(cfg, work)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # select.stratify start: the random draw alternates between the two MD starts (round-robin), 3 each
+    import ase.io
+
+    starts = [int(a.info["al_start"]) for a in ase.io.read(work / "iter_0" / "selected.extxyz", ":")]
+    assert len(starts) == 6 and all(a != b for a, b in zip(starts, starts[1:])) and starts.count(0) == 3
     lab = json.loads((work / "iter_0" / "label.done.json").read_text())
     assert lab["failed"] >= 1 and lab["labelled"] >= 1 and lab["labelled"] + lab["failed"] == 6
     assert "SCF did not converge" in res.stdout and "skipped" in res.stdout
@@ -179,3 +184,26 @@ def test_resume_with_another_config_is_refused(reference, tmp_path):
     path.write_text(yaml.safe_dump(other))
     res = al.run(path, work, timeout=120)
     assert res.returncode == 2 and "different configuration" in res.stderr and "select" in res.stderr
+
+
+def test_workdir_from_before_select_order_and_stratify_resumes_with_the_old_rule(reference, tmp_path):
+    """A work directory whose stored config predates select.order / select.stratify ranked the whole pool by
+    max u: the defaults (uncertainty, none) resume it, another rule is refused."""
+    from e2ip_plugins.active_learning import ALConfigError, load_config
+    from e2ip_plugins.active_learning.loop import ActiveLearningLoop
+
+    _, cfg, work, _ = reference
+    stored = json.loads((work / "config.json").read_text())
+    assert stored["select"]["order"] == "uncertainty" and stored["select"]["stratify"] == "none"
+    for key in ("order", "stratify"):
+        del stored["select"][key]
+    old = tmp_path / "old_work"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(stored))
+    ActiveLearningLoop(load_config(cfg), old, log=lambda _: None)  # no error: same rule
+    strat = yaml.safe_load(cfg.read_text())
+    strat["select"]["stratify"] = "start"
+    path = cfg.parent / "al_strat.yaml"
+    path.write_text(yaml.safe_dump(strat))
+    with pytest.raises(ALConfigError, match="different configuration"):
+        ActiveLearningLoop(load_config(path), old, log=lambda _: None)
