@@ -14,7 +14,7 @@ out-of-distribution file (strided). MD starts: the first training frame of every
 (``tblite``), the method of the shipped data. Every loop gets the same budgets, band rule, MD settings
 and seeds; the committee's members are plain MACE models of the same backbone (``mace_run_train``).
 Band rule (chosen before any run, from validation data only): trust_lo = median max u of the
-validation structures under the current model(s), trust_hi = 10 × trust_lo.
+validation structures under the current model(s), trust_hi = ``--trust-hi-factor`` (10) × trust_lo.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def al_config(args, out: Path, man: dict, selector: str, seed: int) -> Path:
         "committee": {"size": args.committee_size, "config": str(out / "configs" / "mace_plain.yaml")},
         "explore": {"structures": str(out / "data" / "starts.xyz"), "temperatures": args.temperatures,
                     "steps": args.steps, "interval": args.interval, "timestep": 0.5},
-        "select": {"budget": args.budget, "trust_lo": {"quantile": 0.5}, "trust_hi": {"factor": 10.0},
+        "select": {"budget": args.budget, "trust_lo": {"quantile": 0.5}, "trust_hi": {"factor": args.trust_hi_factor},
                    "min_distance": 0.02, "order": args.band_order, "stratify": args.stratify},
         "label": {"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}},
     }
@@ -117,7 +117,8 @@ def report(args, out: Path) -> str:
              f"{args.committee_size} plain models, MD {args.steps} steps × {len(args.temperatures)} temperatures "
              f"{args.temperatures} K from 5 isomers (a frame every {args.interval} steps: a pool of "
              f"{5 * len(args.temperatures) * (args.steps // args.interval)} frames per iteration), e2ip/committee "
-             f"`select.order: {args.band_order}`, `select.stratify: {args.stratify}` (every selector), "
+             f"`select.order: {args.band_order}`, `select.stratify: {args.stratify}` (every selector), band "
+             f"trust_lo = median validation max u, trust_hi = {args.trust_hi_factor:g} × trust_lo (MD stops there), "
              "GFN2-xTB labels. Force MAE (eV/Å) of the loop's model "
              "(committee: member 0) on held-out sets, mean ± std over seeds; CPU seconds per iteration (mean over seeds).", "",
              "| iteration | selector | train frames | " + " | ".join(f"{s} MAE" for s in sets) +
@@ -175,6 +176,8 @@ def main(argv=None):
     p.add_argument("--band-order", default="uncertainty", choices=("uncertainty", "random", "diverse"),
                    help="select.order of the e2ip/committee loops: decreasing max u, DP-GEN's uniform draw in the band, "
                         "or greedy max u x distance to the labelled frames")
+    p.add_argument("--trust-hi-factor", type=float, default=10.0,
+                   help="trust_hi = this x trust_lo (MD stops there, frames above are dropped); DP-GEN's usual 3")
     p.add_argument("--stratify", default="none", choices=("none", "start", "run"),
                    help="select.stratify of every loop, random included (report_stratified.md: start)")
     p.add_argument("--report-only", action="store_true")
