@@ -1,6 +1,8 @@
 """Active-learning benchmark (issue 14): e²IP vs a K-member committee vs random selection.
 
-    .venv-mace/bin/python -m benchmarks.active_learning --out al_bench              # run + report
+    .venv-mace/bin/python -m benchmarks.active_learning --out al_bench              # run + report (report.md)
+    # DP-GEN's band [trust_lo, 3 trust_lo), uniform within it: the example configs' choice (report_dpgen_band.md)
+    .venv-mace/bin/python -m benchmarks.active_learning --out al_dpgen --band-order random --trust-hi-factor 3
     .venv-mace/bin/python -m benchmarks.active_learning --out al_bench --report-only
     # the select.order: diverse variant on a pool of 200 frames per iteration (report_diverse.md)
     .venv-mace/bin/python -m benchmarks.active_learning --out al_div --band-order diverse --steps 200 --interval 10

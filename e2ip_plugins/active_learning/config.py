@@ -30,7 +30,9 @@ Every key, with its default (paths are relative to the YAML file's directory)::
     select:
       budget: 50                    # frames labelled per iteration (at most)
       trust_lo: {quantile: 0.9}     # eV/A, or {quantile: q}: q-quantile of max u over the validation set
-      trust_hi: .inf                # eV/A, or {factor: f}: f * trust_lo; MD stops there, frames above are dropped
+      trust_hi: .inf                # eV/A, or {factor: f}: f * trust_lo; MD stops there, frames above are dropped.
+                                    # Set it: without an upper edge selection lost to random (docs/active_learning.md;
+                                    # the examples use DP-GEN's factor 3 with order random)
       min_distance: 0.02            # A; descriptor distance below which two selected frames are duplicates
       order: uncertainty            # candidates by decreasing max u, random (DP-GEN: uniform within the band), or
                                     # diverse (greedy max u x distance to the labelled and already chosen frames)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,10 @@ def test_label_rejects_non_finite(tmp_path):
 
     done = label_frames([_molecule(0)], tmp_path / "lab", NaNLJ, "REF_energy", "REF_forces", [{}], log=lambda m: None)
     assert done == [] and "non-finite" in failures(tmp_path / "lab")[0]["error"]
+
+
+@pytest.mark.parametrize("name", ["iso7_xtb.yaml", "iso7_xtb_nequip.yaml"])
+def test_shipped_example_configs_load(name):
+    """The example configs of the README are valid as shipped (files present, keys known, band well formed)."""
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "active_learning" / name)
+    assert cfg["select"]["trust_hi"] == {"factor": 3.0} and cfg["select"]["order"] == "random"
