@@ -34,30 +34,25 @@ from pathlib import Path
 import numpy as np
 
 
-def _pool_with_errors(loop, idir: Path):
-    from e2ip_plugins.active_learning.label import _bare, load_labeller
+def _pool_with_errors(loop, idir: Path, label_dir: Path):
+    """The explored frames that the loop's labeller labels (with the loop's own :func:`label_frames`, cached in
+    ``label_dir``), their labels, and the iteration-0 model's max and RMS force error on each."""
+    from e2ip_plugins.active_learning.label import failures, label_frames
     from e2ip_plugins.active_learning.steps import read_json
 
-    runs = read_json(idir / "explore.done.json")["runs"]
-    pool = loop._pool(runs)
-    model = read_json(idir / "train.done.json")["models"][0]
-    calc = loop.trainer.open(model, device="cpu")
-    make = load_labeller(loop.cfg["label"]["calculator"], loop.cfg["label"]["kwargs"])
-    fk, ek = loop.cfg["data"]["forces_key"], loop.cfg["data"]["energy_key"]
-    max_err, rms_err, labelled = [], [], []
-    for atoms in pool:
-        a = _bare(atoms)
-        a.calc = make()
-        ref_f, ref_e = a.get_forces().copy(), a.get_potential_energy()
+    pool = loop._pool(read_json(idir / "explore.done.json")["runs"])
+    labelled = label_frames(pool, label_dir, loop.make_labeller, loop.cfg["data"]["energy_key"],
+                            loop.cfg["data"]["forces_key"], [{} for _ in pool], log=lambda _: None)
+    failed = {f["index"] for f in failures(label_dir)}
+    pool = [a for i, a in enumerate(pool) if i not in failed]
+    calc = loop.trainer.open(read_json(idir / "train.done.json")["models"][0], device="cpu")
+    max_err, rms_err = [], []
+    for atoms, lab in zip(pool, labelled):
         b = atoms.copy()
         b.calc = calc
-        d = np.linalg.norm(b.get_forces() - ref_f, axis=1)
+        d = np.linalg.norm(b.get_forces() - lab.arrays[loop.cfg["data"]["forces_key"]], axis=1)
         max_err.append(float(d.max()))
         rms_err.append(float(np.sqrt(np.mean(d ** 2) / 3)))
-        lab = _bare(atoms)  # as the loop stores a label
-        lab.info[ek] = float(ref_e)
-        lab.arrays[fk] = ref_f
-        labelled.append(lab)
     return pool, labelled, np.array(max_err), np.array(rms_err)
 
 
@@ -100,11 +95,10 @@ def run_seed(bench: Path, seed: int, args) -> dict:
 
     cfg = load_config(bench / "al_configs" / f"e2ip_s{seed}.yaml")
     work = bench / f"e2ip_s{seed}"
-    # the selection rule the loop ran with (runs made before select.stratify existed: none)
-    cfg["select"]["stratify"] = read_json(work / "config.json")["select"].get("stratify", "none")
     loop = ActiveLearningLoop(cfg, work, log=lambda _: None)
     idir = work / "iter_0"
-    pool, labelled, max_err, rms_err = _pool_with_errors(loop, idir)
+    out_dir = Path(args.out) / f"s{seed}"
+    pool, labelled, max_err, rms_err = _pool_with_errors(loop, idir, out_dir / "labels")
     u = frame_scores(pool)
     bands = read_json(idir / "bands.done.json")
     band = np.flatnonzero((u >= bands["trust_lo"]) & (u < bands["trust_hi"]))
@@ -122,7 +116,6 @@ def run_seed(bench: Path, seed: int, args) -> dict:
     for r in range(args.random_draws):
         choices[f"random {r}"] = np.random.default_rng(1000 * seed + r).permutation(len(pool))[:b]
     initial = loop._labelled_frames(-1)
-    out_dir = Path(args.out) / f"s{seed}"
     with ThreadPoolExecutor(max_workers=args.jobs) as ex:
         futs = {name: ex.submit(_train_and_eval, loop, initial + [labelled[i] for i in idx],
                                 out_dir / name.replace(" ", "_"), cfg["seed"]) for name, idx in choices.items()}
@@ -153,19 +146,19 @@ def report(per_seed: dict, args) -> str:
     lines += ["", "| rule | " + " | ".join(f"{x} MAE" for x in sets) + " | / random (test, ood_mol, ood_hot) | "
               "mean max error of the chosen frames | overlap with oracle max |", "|---|" + "---|" * (len(sets) + 3)]
 
-    def mean_of(key, rule_names, field):
+    def mean_of(rule_names, field):
         return float(np.mean([per_seed[s]["results"][n][field] for s in per_seed for n in rule_names]))
 
-    rmae = {x: mean_of(None, rand, x) for x in sets}
+    rmae = {x: mean_of(rand, x) for x in sets}
     band = [n for n in names if n.startswith("band ")]
     rows = [(n, [n]) for n in names if not n.startswith(("random", "band "))] + [("random", rand)]
     if band:
         rows.append((band[0].rsplit(" ", 1)[0] + " (trust_lo ≤ max u < that × trust_lo)", band))
     for label, group in rows:
-        mae = {x: mean_of(None, group, x) for x in sets}
+        mae = {x: mean_of(group, x) for x in sets}
         lines.append(f"| {label} | " + " | ".join(f"{mae[x]:.4f}" for x in sets) + " | " +
                      ", ".join(f"{mae[x] / rmae[x]:.3f}" for x in sets) +
-                     f" | {mean_of(None, group, 'mean_max_error'):.3f} | {mean_of(None, group, 'overlap_with_oracle_max'):.2f} |")
+                     f" | {mean_of(group, 'mean_max_error'):.3f} | {mean_of(group, 'overlap_with_oracle_max'):.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -127,17 +127,19 @@ def _evaluate(calc, frames) -> Dict[str, float]:
 def _committee(members: List[Dict], frames: Dict) -> Dict[str, Dict[str, float]]:
     """K members' (energies, forces) per set → mean prediction and σ = c·std_k(E) (1/(K−1)), c fitted by ML
     on val only (c² = mean over val of r²/std²): the recalibrated committee of §9, same metrics."""
-    from e2ip_plugins.energy_noise import energy_uq_metrics
+    import torch
+
+    from e2ip_plugins.energy_noise import committee_energy, energy_uq_metrics, fit_variance_scale
 
     stats = {}
     for s in SETS:
-        e = np.asarray([m[s]["_pred"][0] for m in members])  # (K, S)
+        mean, var, _, _ = committee_energy(torch.tensor([m[s]["_pred"][0] for m in members], dtype=torch.float64))
         f = np.asarray([np.stack(m[s]["_pred"][1]) for m in members])  # (K, S, N, 3)
         ref_e = np.asarray([float(at.info["REF_energy"]) for at in frames[s]])
         ref_f = np.stack([at.arrays["REF_forces"] for at in frames[s]])
-        stats[s] = (ref_e - e.mean(0), e.std(0, ddof=1), float(np.abs(f.mean(0) - ref_f).mean()))
+        stats[s] = (ref_e - mean.numpy(), np.sqrt(var.numpy()), float(np.abs(f.mean(0) - ref_f).mean()))
     r, sd, _ = stats["val"]
-    c = float(np.sqrt(np.mean((r / sd) ** 2)))
+    c = float(np.sqrt(fit_variance_scale(torch.from_numpy(r), torch.from_numpy(sd ** 2))))
     out = {}
     for s, (r, sd, fmae) in stats.items():
         out[s] = energy_uq_metrics(r, c * sd)

@@ -12,9 +12,8 @@ from ase import Atoms
 from ase.calculators.lj import LennardJones
 
 from e2ip_plugins.active_learning import ALConfigError, CommitteeCalculator, descriptor_distance, load_config, select_frames
-from e2ip_plugins.active_learning.select import round_robin
 from e2ip_plugins.active_learning.label import failures, label_frames, load_labeller
-from e2ip_plugins.active_learning.select import band_counts
+from e2ip_plugins.active_learning.select import band_counts, round_robin
 
 
 def _molecule(seed: int, n: int = 6, jitter: float = 0.05) -> Atoms:
