@@ -16,7 +16,9 @@ is then a map of those columns whose constants are fitted on **val only** (:func
   (Nelder–Mead in log space from the linear fit, a = 1). The head's ν sits at its floor 5 (Student-t
   df 3) on the dev models; a > 1 lightens the tails.
 
-The test and OOD files are only evaluated.
+The test and OOD files are only evaluated. ``--extra-val FILE`` appends FILE's frames (for example warm
+frames of the training molecules from :mod:`benchmarks.warm_frames`) to the validation set that every
+fit reads, to see what a validation set containing a shift would choose.
 """
 
 from __future__ import annotations
@@ -161,10 +163,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", required=True, help="MACE .model or NequIP .ckpt of an e2ip model")
     ap.add_argument("--split-dir", required=True, help="folder with val.xyz, test.xyz, ood_mol.xyz, ood_hot.xyz")
     ap.add_argument("--out", default=None, help="JSON file for the results")
+    ap.add_argument("--extra-val", default=None, help="extxyz frames appended to the validation set of every fit")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     files = {s: str(Path(args.split_dir) / f"{s}.xyz") for s in SETS}
+    if args.extra_val:
+        files["extra"] = args.extra_val
     raw = _columns_mace(args.model, files) if args.model.endswith(".model") else _columns_nequip(args.model, files)
+    if args.extra_val:
+        raw["val"] += raw.pop("extra")
     cols = {s: _cat(b) for s, b in raw.items()}
     results = evaluate(cols)
     for i, (name, res) in enumerate(results.items()):

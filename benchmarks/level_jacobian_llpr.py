@@ -14,6 +14,17 @@ The candidate predictive is the Gaussian N(γ, c·U_tot,head + α²·U_jac) with
 α²·U_jac; (c, α²) by validation NLL for each ς² on a grid, best ς² by validation NLL. Cost: P
 backward passes per structure (P = 32 on the quick profile), reported as seconds per structure next
 to one forward+force pass.
+
+``--shallow K`` adds a shallow last-layer ensemble on the shared backbone (the issue's third candidate),
+built post hoc on the same frozen features: member k refits the last-layer weights on a bootstrap
+resample b_k of the training structures,
+
+    δ_k = −(Σ_{j∈b_k} G_j G_jᵀ + ς²·tr(FᵀF)/P·I)⁻¹ Σ_{j∈b_k} G_j (y_j − γ_j),   F_k,j = γ_j − G_jᵀ δ_k,
+
+so its forces differ from the model's by a last-layer change. The predictive is N(mean_k F_k,j,
+c·U_tot,head + α²·U_ens,j), U_ens,j the 3×3 sample covariance (ddof 1) of the members' forces;
+(c, α²) by validation NLL per ς², ς² by validation NLL. At deployment it costs K backward passes (one
+per member's energy), estimated here as the measured G time × K/P.
 """
 
 from __future__ import annotations
@@ -82,6 +93,7 @@ def main(argv=None):
     ap.add_argument("--model", required=True)
     ap.add_argument("--split-dir", required=True)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--shallow", type=int, default=0, help="members of a post hoc last-layer ensemble (0: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     files = {s: str(Path(args.split_dir) / f"{s}.xyz") for s in ("train",) + SETS}
@@ -138,9 +150,64 @@ def main(argv=None):
         cs = cols[s]
         out["sets"][s] = UQMetricState().update(gauss(cs, jac[s], reg, c, a2), cs["residual"], frame=cs["frame"]).compute()
     print_sets(out["sets"], header=True)
+    if args.shallow:
+        train = _cat(_columns_mace(args.model, {"train": files["train"]})["train"])
+        out["shallow"] = shallow_ensemble(cols, jac, train, args.shallow, head_pred)
+        out["shallow"]["s_per_structure_estimated"] = tpf["test"] * args.shallow / p_dim
+        print_sets(out["shallow"]["sets"])
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     return out
+
+
+def shallow_ensemble(cols, jac, train, k: int, head_pred, seed: int = 0) -> dict:
+    """The ``--shallow`` candidate (module docstring): bootstrap last-layer refits, fitted on train, (c, α²) on val."""
+    from e2ip_plugins import GaussianPredictive
+    from e2ip_plugins.metrics import UQMetricState
+
+    g, res, frame = jac["train"], train["residual"], train["frame"]
+    n_frames, p_dim = int(frame.max()) + 1, g.shape[1]
+    ggt = torch.einsum("npa,nqa->pq", g, g)
+    rng = np.random.default_rng(seed)
+    draws = [np.bincount(rng.integers(0, n_frames, n_frames), minlength=n_frames) for _ in range(k)]
+    best = None
+    for reg in (1e-8, 1e-6, 1e-4, 1e-2):
+        deltas = []
+        for counts in draws:
+            w = torch.as_tensor(counts, dtype=g.dtype)[frame]  # bootstrap weight of each training atom
+            a = torch.einsum("n,npa,nqa->pq", w, g, g) + reg * torch.trace(ggt) / p_dim * torch.eye(p_dim, dtype=g.dtype)
+            deltas.append(-torch.linalg.solve(a, torch.einsum("n,npa,na->p", w, g, res)))
+        delta = torch.stack(deltas)  # (K, P)
+
+        def members(s, delta=delta):  # bound now: the loop rebinds delta
+            return -torch.einsum("npa,kp->kna", jac[s], delta)  # force offsets from γ, (K, N, 3)
+
+        def pred(s, c, a2, members=members):
+            d = members(s)
+            mean, dev = d.mean(0), d - d.mean(0)
+            u_ens = torch.einsum("kna,knb->nab", dev, dev) / (k - 1)
+            hp = head_pred(cols[s], 1.0)
+            return GaussianPredictive(mean=mean, cov_epistemic=c * hp.covariance_epistemic + a2 * u_ens,
+                                      cov_aleatoric=c * hp.covariance_aleatoric)
+
+        val = cols["val"]
+        d_val = members("val")
+        scale0 = float(torch.diagonal(head_pred(val, 1.0).covariance, dim1=-2, dim2=-1).mean()
+                       / torch.diagonal(torch.einsum("kna,knb->nab", d_val - d_val.mean(0), d_val - d_val.mean(0)),
+                                        dim1=-2, dim2=-1).mean().clamp(min=1e-30) * (k - 1))
+
+        def obj(x):
+            return float(pred("val", math.exp(x[0]), scale0 * math.exp(x[1])).nll(val["residual"]).mean())
+
+        fit = min((minimize(obj, x0=[0.0, x1], method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-6})
+                   for x1 in (-4.0, 0.0, 4.0)), key=lambda r: r.fun)
+        if best is None or fit.fun < best[0]:
+            best = (float(fit.fun), reg, math.exp(fit.x[0]), scale0 * math.exp(fit.x[1]), pred)
+    nll, reg, c, a2, pred = best
+    print(f"shallow last-layer ensemble: K={k} reg={reg:g} c={c:.4g} alpha2={a2:.4g} val NLL {nll:.4f}")
+    sets = {s: UQMetricState().update(pred(s, c, a2), cols[s]["residual"], frame=cols[s]["frame"]).compute()
+            for s in SETS[1:]}
+    return {"K": k, "val_nll": nll, "reg": reg, "c": c, "alpha2": a2, "sets": sets}
 
 
 if __name__ == "__main__":

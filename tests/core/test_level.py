@@ -97,3 +97,21 @@ def test_nll_of_logc_equals_the_full_student_t_nll():
     f = _nll_of_logc(nu, ke, quad0, logdet0)
     for logc in (-6.0, -0.7, 0.0, 1.3, 9.0):
         assert abs(f(logc) - _nll(nu, ke, quad0, logdet0, logc)) < 1e-10
+
+
+def test_frontier_scale_at_which_an_atom_is_covered_matches_the_metric_coverage():
+    """benchmarks.level_frontier sets c from per-atom 'covered from this scale on' values; at that c the
+    cov90 of UQMetricState (PIT of the scaled Student-t) must equal the targeted fraction."""
+    from benchmarks.level_frontier import covered_scale, predictive
+    from e2ip_plugins.metrics import UQMetricState
+
+    nu, kappa, sigma0, sigma0_inv, logdet, res, ratio = _synthetic(400, 0.8, 2.0, 3)
+    cs = {"nu": nu, "kappa": kappa, "sigma0": sigma0, "sigma0_inv": sigma0_inv, "sigma0_logdet": logdet,
+          "residual": res, "ratio": ratio}
+    for beta, a, gamma in ((0.0, 1.0, 0.0), (5.0, 3.0, 0.5)):
+        scales = covered_scale(cs, beta, a, gamma)
+        for target in (0.5, 0.9):
+            c = float(np.quantile(scales, target, method="inverted_cdf")) * (1 + 1e-9)  # the boundary atom inside
+            m = UQMetricState().update(predictive(cs, c, beta, a, gamma), res).compute()
+            assert m["forces_coverage_90"] == pytest.approx(np.mean(scales <= c), abs=1e-12)
+            assert m["forces_coverage_90"] == pytest.approx(target, abs=1.0 / 400)
