@@ -127,10 +127,12 @@ def _kappa_linear(cs, beta: float) -> torch.Tensor:
     return cs["kappa"] / (1.0 + beta * cs["kappa"] * cs["ratio"].clamp(max=RATIO_CAP))
 
 
-def _dof_predictive(cs, c: float, beta: float, a: float):
+def _dof_predictive(cs, c: float, beta: float, a: float, gamma: float = 0.0):
+    """The linear map with a fitted tail, ν ← 4 + a·(ν − 4)/(1 + γ·min(r, cap)) (γ = 0: ``linear+dof``)."""
     from e2ip_plugins import StudentTPredictive
 
-    return StudentTPredictive(mean=torch.zeros_like(cs["residual"]), nu=4.0 + a * (cs["nu"] - 4.0),
+    tail = a / (1.0 + gamma * cs["ratio"].clamp(max=RATIO_CAP))
+    return StudentTPredictive(mean=torch.zeros_like(cs["residual"]), nu=4.0 + tail * (cs["nu"] - 4.0),
                               kappa=_kappa_linear(cs, beta),
                               sigma0=cs["sigma0"], sigma0_inv=cs["sigma0_inv"],
                               sigma0_logdet=cs["sigma0_logdet"]).scaled(c)

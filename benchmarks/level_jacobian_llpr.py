@@ -160,6 +160,12 @@ def main(argv=None):
     return out
 
 
+def _sample_cov(d: torch.Tensor) -> torch.Tensor:
+    """Per atom, the members' 3×3 sample covariance (ddof 1) of d (K, N, 3)."""
+    dev = d - d.mean(0)
+    return torch.einsum("kna,knb->nab", dev, dev) / (d.shape[0] - 1)
+
+
 def shallow_ensemble(cols, jac, train, k: int, head_pred, seed: int = 0) -> dict:
     """The ``--shallow`` candidate (module docstring): bootstrap last-layer refits, fitted on train, (c, α²) on val."""
     from e2ip_plugins import GaussianPredictive
@@ -167,7 +173,7 @@ def shallow_ensemble(cols, jac, train, k: int, head_pred, seed: int = 0) -> dict
 
     g, res, frame = jac["train"], train["residual"], train["frame"]
     n_frames, p_dim = int(frame.max()) + 1, g.shape[1]
-    ggt = torch.einsum("npa,nqa->pq", g, g)
+    ridge = torch.eye(p_dim, dtype=g.dtype) * (g * g).sum() / p_dim  # tr(FᵀF)/P·I
     rng = np.random.default_rng(seed)
     draws = [np.bincount(rng.integers(0, n_frames, n_frames), minlength=n_frames) for _ in range(k)]
     best = None
@@ -175,7 +181,7 @@ def shallow_ensemble(cols, jac, train, k: int, head_pred, seed: int = 0) -> dict
         deltas = []
         for counts in draws:
             w = torch.as_tensor(counts, dtype=g.dtype)[frame]  # bootstrap weight of each training atom
-            a = torch.einsum("n,npa,nqa->pq", w, g, g) + reg * torch.trace(ggt) / p_dim * torch.eye(p_dim, dtype=g.dtype)
+            a = torch.einsum("n,npa,nqa->pq", w, g, g) + reg * ridge
             deltas.append(-torch.linalg.solve(a, torch.einsum("n,npa,na->p", w, g, res)))
         delta = torch.stack(deltas)  # (K, P)
 
@@ -184,17 +190,13 @@ def shallow_ensemble(cols, jac, train, k: int, head_pred, seed: int = 0) -> dict
 
         def pred(s, c, a2, members=members):
             d = members(s)
-            mean, dev = d.mean(0), d - d.mean(0)
-            u_ens = torch.einsum("kna,knb->nab", dev, dev) / (k - 1)
             hp = head_pred(cols[s], 1.0)
-            return GaussianPredictive(mean=mean, cov_epistemic=c * hp.covariance_epistemic + a2 * u_ens,
+            return GaussianPredictive(mean=d.mean(0), cov_epistemic=c * hp.covariance_epistemic + a2 * _sample_cov(d),
                                       cov_aleatoric=c * hp.covariance_aleatoric)
 
-        val = cols["val"]
-        d_val = members("val")
+        val = cols["val"]  # α² starts where U_ens has the head's mean variance
         scale0 = float(torch.diagonal(head_pred(val, 1.0).covariance, dim1=-2, dim2=-1).mean()
-                       / torch.diagonal(torch.einsum("kna,knb->nab", d_val - d_val.mean(0), d_val - d_val.mean(0)),
-                                        dim1=-2, dim2=-1).mean().clamp(min=1e-30) * (k - 1))
+                       / torch.diagonal(_sample_cov(members("val")), dim1=-2, dim2=-1).mean().clamp(min=1e-30))
 
         def obj(x):
             return float(pred("val", math.exp(x[0]), scale0 * math.exp(x[1])).nll(val["residual"]).mean())

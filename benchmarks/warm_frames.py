@@ -3,9 +3,11 @@
     .venv-mace/bin/python -m benchmarks.warm_frames --train /tmp/bn/data/train.xyz --factor 1.5 \\
         --frames 20 --out /tmp/bn/warm750.xyz
 
-For each molecule (``smiles``) of the training split, GFN2-xTB Langevin MD (tblite; 0.5 fs, friction
-0.02, as ``../shared/tools/make_xtb_data.py``) starts from the molecule's first training frame at
-``factor`` × its training temperature, equilibrates 200 steps and keeps one frame every 20 steps.
+For each molecule (``smiles``) of the training split, GFN2-xTB Langevin MD (the labeller of the active
+learning loop, ``tblite.ase:TBLite``, driven by ``e2ip-md``'s seeded :func:`e2ip_plugins.md.cli.langevin`;
+0.5 fs and the friction of ``../shared/tools/make_xtb_data.py``, 0.02 in ASE units) starts from the
+molecule's first training frame at ``factor`` × its training temperature, equilibrates 200 steps and keeps
+one frame every 20 steps.
 It reads only the training split, so what a fit on these frames chooses is chosen on training-side
 data; the benchmark's 1200 K file is never read. Needs the ``xtb`` extra (tblite).
 """
@@ -17,11 +19,12 @@ import argparse
 
 def warm_frames(train_file: str, factor: float, n_frames: int, seed: int = 100, stride: int = 20):
     import ase.io
-    import numpy as np
     from ase import Atoms, units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-    from tblite.ase import TBLite
+
+    from e2ip_plugins.active_learning.label import load_labeller
+    from e2ip_plugins.md.cli import langevin
+
+    xtb = load_labeller("tblite.ase:TBLite", {"method": "GFN2-xTB", "verbosity": 0})
 
     first = {}
     for at in ase.io.read(train_file, ":"):
@@ -30,10 +33,7 @@ def warm_frames(train_file: str, factor: float, n_frames: int, seed: int = 100, 
     for i, (smiles, at0) in enumerate(sorted(first.items())):
         temp = factor * float(at0.info["temperature"])
         atoms = Atoms(at0.get_chemical_symbols(), positions=at0.get_positions())
-        atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
-        rng = np.random.default_rng(seed + i)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temp, rng=rng)
-        dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temp, friction=0.02, rng=rng)
+        dyn = langevin(atoms, xtb(), temp, 0.5, 0.02 * units.fs, seed + i)
         dyn.run(200)
         for _ in range(n_frames):
             dyn.run(stride)
