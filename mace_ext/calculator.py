@@ -49,7 +49,7 @@ from e2ip_plugins.ensemble import STRUCTURE_KEYS, structure_uncertainty_results
 from e2ip_plugins.predictive import atom_uncertainty
 from mace.calculators.mace import MACECalculator
 
-from .model import ATOM_LEVEL_KEYS, COVARIANCE_KEYS, predictive_from_output
+from .outputs import ATOM_LEVEL_KEYS, COVARIANCE_KEYS, predictive_from_output
 
 EVIDENCE_KEYS = tuple(k for k in ATOM_LEVEL_KEYS if k not in COVARIANCE_KEYS)
 

@@ -3,7 +3,7 @@
 ``energy_uncertainty`` = ℓ·sqrt(Σ_i tr U_tot,i/3) (eV, per structure) is computed inside the model
 (:class:`e2ip_plugins.energy_uq.EnergyUncertainty`, submodule ``e2ip_energy_uq``); ℓ̂² = mean_s r_E,s²/v_s
 over the validation structures (v_s = Σ_i tr U_tot,i/3 of the calibrated model), fitted by
-:func:`mace_ext.model.fit_novelty` right after the force level — i.e. by ``mace_run_train_e2ip`` before
+:func:`mace_ext.fit_novelty.fit_novelty` right after the force level — i.e. by ``mace_run_train_e2ip`` before
 it saves the ``.model`` / ``_compiled.model`` files and by ``mace_fit_novelty_e2ip``.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from e2ip_plugins.energy_uq import fit_energy_length
 
-from .model import validation_outputs
+from .validation_columns import energy_columns
 
 
 def fit_energy_noise(model: torch.nn.Module, valid_loaders, device=None) -> Dict[str, float]:
@@ -32,12 +32,4 @@ def fit_energy_noise(model: torch.nn.Module, valid_loaders, device=None) -> Dict
     return res
 
 
-def energy_columns(model: torch.nn.Module, loaders, device):
-    """Yield per-structure validation energy residuals (structures with an energy) and the variance the stored
-    factor k scales, (σ_E/k)²: Σ_i tr U_tot,i/3, or A² + Σ_i ℓ_i² tr U_tot,i/3 with the energy-noise head."""
-    k = model.e2ip_energy_uq.length
-    for data, out in validation_outputs(model, loaders, device):
-        num = data["ptr"].numel() - 1
-        keep = data["energy_weight"].reshape(-1) > 0 if "energy_weight" in data else torch.ones(num, dtype=torch.bool, device=out["energy"].device)
-        sigma = out["energy_uncertainty"].detach().to(torch.float64)
-        yield {"energy_residual": (data["energy"] - out["energy"]).detach()[keep], "force_var": ((sigma / k) ** 2)[keep]}
+__all__ = ["energy_columns", "fit_energy_noise"]

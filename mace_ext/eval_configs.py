@@ -40,7 +40,7 @@ from e2ip_plugins import GaussianPredictive, UQMetricState
 
 from . import hooks
 from .calculator import COMMITTEE_KEY, E2IPMACECalculator
-from .model import COVARIANCE_KEYS
+from .outputs import COVARIANCE_KEYS
 
 #: raw evidence written per atom (single model); Σ₀⁻¹ and log|Σ₀| follow from Σ₀
 WRITTEN_EVIDENCE = ("e2ip_nu", "e2ip_kappa", "e2ip_sigma0", "eip_nu", "eip_alpha", "eip_beta")

@@ -21,6 +21,60 @@ from typing import List, Optional
 
 import torch
 
+from e2ip_plugins import novelty as core_novelty
+from e2ip_plugins.level import fit_stored_level
+
+from .energy_uq import fit_energy_noise
+from .model import E2IPMixin
+from .validation_columns import level_columns
+
+
+def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device=None) -> bool:
+    """Fit the novelty buffers and the stored calibration [c, β] of an E2IP model in place.
+
+    One pass over ``train_loader`` (feature moments), one over the validation loaders (reference
+    quantile), then one full forward over the validation loaders (reference forces ``forces`` of
+    MACE's batches) to fit [c, β] by NLL (:func:`e2ip_plugins.level.fit_stored_level`). Runs on every
+    rank under DDP (moments summed, validation columns gathered). Returns False if the model has no
+    novelty-enabled head.
+    """
+    if not isinstance(model, E2IPMixin):
+        return False
+    if not model.e2ip_novelty_enabled:
+        if valid_loaders:  # no force level to fit, but the energy length still is
+            fit_energy_noise(model, valid_loaders, device)
+        return False
+    ref = next(model.parameters())
+    device = device or ref.device
+    was_training = model.training
+    model.eval()
+
+    def features(loaders):
+        with torch.no_grad():
+            for loader in loaders:
+                for batch in loader:
+                    data = batch.to(device).to_dict()
+                    out = model._e2ip_backbone_forward(data, False, False, False, False, False, False, False, False, False)
+                    yield model.e2ip_invariants(out["node_feats"]), torch.argmax(data["node_attrs"], dim=-1)
+
+    core_novelty.fit_novelty(
+        model.e2ip_novelty, features([train_loader]), features(valid_loaders) if valid_loaders else None
+    )
+    logging.info(
+        "e2ip: novelty fitted on the training and validation sets; reference s_ref per element = %s",
+        [round(float(v), 3) for v in model.e2ip_novelty.novelty_ref],
+    )
+    if valid_loaders:
+        res = fit_stored_level(model.e2ip_novelty, level_columns(model, valid_loaders, device))
+        logging.info("e2ip: stored calibration fitted on %d validation atoms: c = %.4g, beta = %.4g "
+                     "(val NLL %.4f, head alone %.4f)", int(res["atoms"]), res["c"], res["beta"], res["nll"],
+                     res["nll_head"])
+        fit_energy_noise(model, valid_loaders, device)
+    else:
+        logging.warning("e2ip: no validation data: the stored calibration stays at c = 1, beta = 0")
+    model.train(was_training)
+    return True
+
 
 def _loader(path: str, model, batch_size: int, forces_key: str = "REF_forces", energy_key: str = "REF_energy"):
     import ase.io
@@ -40,8 +94,6 @@ def _loader(path: str, model, batch_size: int, forces_key: str = "REF_forces", e
 
 def main(argv: Optional[List[str]] = None) -> None:
     from e3nn.util import jit
-
-    from .model import E2IPMixin, fit_novelty
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="E2IP MACE .model file (eager, as saved by mace_run_train_e2ip)")

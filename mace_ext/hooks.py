@@ -21,6 +21,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Tuple
 
+from .errors import MACEHookError, installed_mace_version
+
 
 @dataclass(frozen=True)
 class Hook:
@@ -35,7 +37,7 @@ class Hook:
 
 
 HOOKS: Tuple[Hook, ...] = (
-    # --- training entry point (mace_ext.cli) ---
+    # --- training entry point (mace_ext.cli: train_options, train_run, uq_reports) ---
     Hook("mace.tools", "build_default_arg_parser", "call", "MACE's own parser, extended with --e2ip_* options"),
     Hook("mace.cli.run_train", "run", "call", "MACE's training driver; mace_run_train_e2ip delegates to it"),
     Hook("mace.cli.run_train", "configure_model", "wrap",
@@ -56,7 +58,7 @@ HOOKS: Tuple[Hook, ...] = (
     Hook("mace.cli.run_train", "jit", "call",
          "MACE writes <name>_compiled.model with jit.compile (e3nn.util.jit) and swallows errors; "
          "mace_run_train_e2ip checks the file afterwards and reports why it is missing"),
-    # --- distributed training on CPU (mace_ext.cli) ---
+    # --- distributed training on CPU (mace_ext.train_run) ---
     Hook("mace.tools", "train", "wrap", "captures the validation loaders (novelty reference quantile)"),
     Hook("mace.tools", "CheckpointHandler", "wrap",
          "loading the final checkpoints after training also fits the novelty buffers, before the .model files are saved"),
@@ -84,19 +86,6 @@ HOOKS: Tuple[Hook, ...] = (
 )
 
 
-class MACEHookError(ImportError):
-    """A MACE symbol the e2ip adapter depends on is missing (MACE moved or renamed it)."""
-
-
-def _installed_mace_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("mace-torch")
-    except Exception:  # pragma: no cover
-        return "unknown"
-
-
 def resolve(hook: Hook) -> Any:
     """Return the object a hook names, or raise :class:`MACEHookError` naming it."""
     try:
@@ -104,14 +93,14 @@ def resolve(hook: Hook) -> Any:
     except ImportError as exc:
         raise MACEHookError(
             f"e2ip needs module '{hook.module}' from mace-torch (for {hook.qualname}: {hook.why}), but it "
-            f"cannot be imported ({exc}). Installed mace-torch: {_installed_mace_version()}; "
+            f"cannot be imported ({exc}). Installed mace-torch: {installed_mace_version()}; "
             "e2ip was written against mace-torch 0.3.16. Update mace_ext/hooks.py."
         ) from exc
     for part in hook.attr.split("."):
         if not hasattr(obj, part):
             raise MACEHookError(
                 f"e2ip needs '{hook.qualname}' from mace-torch ({hook.kind}: {hook.why}), but "
-                f"'{part}' is missing in the installed mace-torch {_installed_mace_version()} "
+                f"'{part}' is missing in the installed mace-torch {installed_mace_version()} "
                 "(e2ip was written against 0.3.16). MACE moved or renamed it; update mace_ext/hooks.py "
                 "and the adapter code that uses it."
             )
@@ -124,6 +113,7 @@ def verify_hooks() -> List[str]:
     models re-declare); return their qualified names. Raises MACEHookError."""
     for hook in HOOKS:
         resolve(hook)
+    # here, not at the top: the hooks above are resolved first, so a moved MACE name is reported by name
     from .model import check_forward_signature  # pylint: disable=import-outside-toplevel
 
     check_forward_signature()
@@ -150,3 +140,6 @@ def patched(module: str, attr: str, replacement: Any) -> Iterator[Any]:
         yield original
     finally:
         setattr(mod, attr, original)
+
+
+__all__ = ["HOOKS", "Hook", "MACEHookError", "get_hook", "patched", "resolve", "verify_hooks"]

@@ -32,7 +32,7 @@ from e2ip_plugins.metrics import COLUMNS, UQMetricState, atom_columns
 from mace.modules.loss import reduce_loss
 from mace.tools.train import MACELoss
 
-from .model import head_out_from_output, output_head_type, predictive_from_output
+from .outputs import head_out_from_output, output_head_type, predictive_from_output
 
 
 class E2IPLoss(torch.nn.Module):

@@ -6,46 +6,30 @@ the object's class is switched to the subclass and one submodule ``e2ip_head`` i
 added; every MACE parameter is kept). The subclass' ``forward`` runs MACE's own
 forward unchanged, reads the node features of the last product block whose output
 still carries l > 0 (the penultimate block in a standard MACE, whose last block is
-scalar-only) from MACE's ``node_feats`` output, and adds:
-
-================================  =========  ==========================================
-key                               shape      meaning
-================================  =========  ==========================================
-``forces_covariance``             (N,3,3)    total predictive covariance U_tot
-``forces_covariance_epistemic``   (N,3,3)    U_epi
-``forces_covariance_aleatoric``   (N,3,3)    U_ale
-``forces_uncertainty``            (N,)       u_i = sqrt(tr U_epi / 3)
-``e2ip_nu``, ``e2ip_kappa``       (N,)       NIW evidence (head ``e2ip``)
-``e2ip_sigma0``/``_inv``          (N,3,3)    Σ₀ and Σ₀⁻¹ (head ``e2ip``)
-``e2ip_sigma0_logdet``            (N,)       log|Σ₀| (head ``e2ip``)
-``eip_nu/alpha/beta``             (N,3)      per-component evidence (head ``eip``)
-``e2ip_novelty``                  (N,)       s/s_ref of the novelty score (head ``e2ip``; 0 if unfitted)
-``energy_uncertainty``            (S,)       σ_E = ℓ·sqrt(Σ_i tr U_tot,i/3), eV (APPROXIMATION, see below);
-                                             with the energy-noise head k·sqrt(A² + Σ_i ℓ_i² tr U_tot,i/3)
-``energy_noise_length/amplitude`` (N,)       ℓ_i (Å), c_i (eV) of the energy-noise head (if enabled)
-``energy_noise_amplitude_grad``   (N,3)      h = ∂A/∂r (training forwards only)
-================================  =========  ==========================================
+scalar-only) from MACE's ``node_feats`` output, and adds the keys listed in
+:mod:`mace_ext.outputs` (covariances, evidence, novelty ratio, ``energy_uncertainty``).
 
 ``energy_uncertainty`` (issue 15, :mod:`e2ip_plugins.energy_uq`) is derived from the force covariance
 under the assumption of docs/energy_uncertainty.md §4 (independent per-atom energy-noise processes, one
 length scale ℓ); ℓ is stored in ``e2ip_energy_uq.energy_noise_length`` and fitted on the validation
-energies right after the force level (:func:`fit_energy_noise`). ``.model`` files saved before it
-existed load with a warning and the unfitted default ℓ = 0.1 Å.
+energies right after the force level (:func:`mace_ext.energy_uq.fit_energy_noise`). ``.model`` files
+saved before it existed load with a warning and the unfitted default ℓ = 0.1 Å.
 
 Novelty-aware evidence (:mod:`e2ip_plugins.novelty`, head ``e2ip``, on by default): the
 head's κ is multiplied by max(1, s/s_ref)^(−p), s the per-species Mahalanobis distance of the
 invariants of *every* product block's output (MACE's ``node_feats``) to the training atoms.
 ``mace_run_train_e2ip`` fits it when it loads the final stage-one / stage-two checkpoints,
-before MACE saves the ``.model`` files (:func:`fit_novelty`); ``mace_fit_novelty_e2ip`` refits
-an existing model.
+before MACE saves the ``.model`` files (:func:`mace_ext.fit_novelty.fit_novelty`);
+``mace_fit_novelty_e2ip`` refits an existing model.
 
 MACE's ``forces`` stay the mean γ. The model pickles like any MACE model
 (``torch.save``/``torch.load`` of a ``.model`` file; loading needs ``mace_ext``
 importable) and is TorchScript-compilable with ``e3nn.util.jit.compile`` like MACE's
 own models, so MACE's run writes ``<name>_compiled.model`` (``torch.jit.load``-able
-without ``mace_ext``), whose forward returns every key above.
+without ``mace_ext``), whose forward returns every key of :mod:`mace_ext.outputs`.
 """
 
+import inspect
 import logging
 import types
 import warnings
@@ -54,49 +38,27 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 import e2ip_plugins
-from e2ip_plugins import (
-    EIPHead,
-    EvidentialHead,
-    eip_predictive,
-    evidential_predictive,
-)
+from e2ip_plugins import EIPHead, EvidentialHead
 from e2ip_plugins._e3nn import o3
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
 from e2ip_plugins.energy_noise_head import EnergyNoiseHead, NoEnergyNoiseHead
 from e2ip_plugins.energy_uq import LEGACY_WARNING, EnergyUncertainty
-from e2ip_plugins.level import fit_stored_level, scale_sigma0
-from e2ip_plugins import novelty as core_novelty
+from e2ip_plugins.level import scale_sigma0
 from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
 from mace.modules.models import MACE, ScaleShiftMACE
 
-HEAD_TYPES = ("e2ip", "eip")
-
-#: raw evidence keys in the model output, per head type: output key -> head dict key
-EVIDENCE_KEYS: Dict[str, Dict[str, str]] = {
-    "e2ip": {
-        "e2ip_nu": "nu",
-        "e2ip_kappa": "kappa",
-        "e2ip_sigma0": "sigma0",
-        "e2ip_sigma0_inv": "sigma0_inv",
-        "e2ip_sigma0_logdet": "sigma0_logdet",
-    },
-    "eip": {"eip_nu": "eip_nu", "eip_alpha": "eip_alpha", "eip_beta": "eip_beta"},
-}
-
-#: DESIGN §3 output keys every E2IP model adds
-COVARIANCE_KEYS = (
-    "forces_covariance",
-    "forces_covariance_epistemic",
-    "forces_covariance_aleatoric",
-    "forces_uncertainty",
+from .errors import E2IPConfigError, MACEHookError, installed_mace_version
+from .outputs import (  # noqa: F401  (re-exported: imported from here by tests and users)
+    ATOM_LEVEL_KEYS,
+    COVARIANCE_KEYS,
+    EVIDENCE_KEYS,
+    HEAD_TYPES,
+    head_out_from_output,
+    output_head_type,
+    predictive_from_output,
+    zeros_forces,
 )
-
-#: all per-atom keys the E2IP models add (for padding removal etc.)
-ATOM_LEVEL_KEYS = COVARIANCE_KEYS + tuple(k for d in EVIDENCE_KEYS.values() for k in d)
-
-
-class E2IPConfigError(ValueError):
-    """The backbone cannot carry an evidential head (e.g. no l > 0 features to read)."""
+from .validation_columns import level_columns, validation_outputs  # noqa: F401  (re-exported for benchmarks)
 
 
 def _has_l_gt_0(irreps: "o3.Irreps") -> bool:
@@ -123,37 +85,6 @@ def head_feature_slice(model: torch.nn.Module) -> Tuple[int, str, int, int]:
     return idx, str(irreps_list[idx]), start, start + irreps_list[idx].dim
 
 
-def zeros_forces(out: Dict[str, Any], n: int, like: torch.Tensor) -> torch.Tensor:
-    f = out.get("forces")
-    return f if f is not None else like.new_zeros((n, 3))
-
-
-def head_out_from_output(out: Dict[str, Any], head_type: str) -> Dict[str, torch.Tensor]:
-    """The head's raw dict, rebuilt from a model output dict."""
-    return {hk: out[ok] for ok, hk in EVIDENCE_KEYS[head_type].items()}
-
-
-def output_head_type(out: Dict[str, Any]) -> Optional[str]:
-    """Which head produced this output dict (None if it holds no evidence)."""
-    for head_type, keys in EVIDENCE_KEYS.items():
-        if all(out.get(k) is not None for k in keys):
-            return head_type
-    return None
-
-
-def predictive_from_output(out: Dict[str, Any], quantile: float = 0.5, forces: Optional[torch.Tensor] = None):
-    """e2ip_plugins predictive (Student-t or per-component) of an E2IP model output dict."""
-    head_type = output_head_type(out)
-    if head_type is None:
-        raise KeyError("model output holds no e2ip/eip evidence keys")
-    head_out = head_out_from_output(out, head_type)
-    any_key = next(iter(head_out.values()))
-    gamma = forces if forces is not None else zeros_forces(out, any_key.shape[0], any_key)
-    if head_type == "e2ip":
-        return evidential_predictive(gamma, head_out)
-    return eip_predictive(gamma, head_out, q=quantile)
-
-
 #: MACE.forward / ScaleShiftMACE.forward parameters (mace-torch 0.3.16), re-declared by
 #: E2IPMixin.forward because TorchScript needs an explicit signature (checked by
 #: :func:`check_forward_signature`, called by ``attach_e2ip_head`` and the hook test)
@@ -164,17 +95,13 @@ FORWARD_PARAMS = (
 
 
 def check_forward_signature() -> None:
-    """Raise :class:`mace_ext.hooks.MACEHookError` if MACE's forward signature moved."""
-    import inspect
-
-    from .hooks import MACEHookError, _installed_mace_version
-
+    """Raise :class:`mace_ext.errors.MACEHookError` if MACE's forward signature moved."""
     for cls in (MACE, ScaleShiftMACE):
         params = tuple(inspect.signature(cls.forward).parameters)[1:]
         if params != FORWARD_PARAMS:
             raise MACEHookError(
                 f"e2ip re-declares {cls.__name__}.forward's parameters {FORWARD_PARAMS} (mace-torch 0.3.16) "
-                f"for TorchScript, but the installed mace-torch {_installed_mace_version()} has {params}. "
+                f"for TorchScript, but the installed mace-torch {installed_mace_version()} has {params}. "
                 "Update mace_ext.model.E2IPMixin.forward and FORWARD_PARAMS."
             )
 
@@ -390,75 +317,8 @@ def attach_e2ip_head(
     return model
 
 
-def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device=None) -> bool:
-    """Fit the novelty buffers and the stored calibration [c, β] of an E2IP model in place.
-
-    One pass over ``train_loader`` (feature moments), one over the validation loaders (reference
-    quantile), then one full forward over the validation loaders (reference forces ``forces`` of
-    MACE's batches) to fit [c, β] by NLL (:func:`e2ip_plugins.level.fit_stored_level`). Runs on every
-    rank under DDP (moments summed, validation columns gathered). Returns False if the model has no
-    novelty-enabled head.
-    """
-    if not isinstance(model, E2IPMixin):
-        return False
-    from .energy_uq import fit_energy_noise
-
-    if not model.e2ip_novelty_enabled:
-        if valid_loaders:  # no force level to fit, but the energy length still is
-            fit_energy_noise(model, valid_loaders, device)
-        return False
-    ref = next(model.parameters())
-    device = device or ref.device
-    was_training = model.training
-    model.eval()
-
-    def features(loaders):
-        with torch.no_grad():
-            for loader in loaders:
-                for batch in loader:
-                    data = batch.to(device).to_dict()
-                    out = model._e2ip_backbone_forward(data, False, False, False, False, False, False, False, False, False)
-                    yield model.e2ip_invariants(out["node_feats"]), torch.argmax(data["node_attrs"], dim=-1)
-
-    core_novelty.fit_novelty(
-        model.e2ip_novelty, features([train_loader]), features(valid_loaders) if valid_loaders else None
-    )
-    logging.info(
-        "e2ip: novelty fitted on the training and validation sets; reference s_ref per element = %s",
-        [round(float(v), 3) for v in model.e2ip_novelty.novelty_ref],
-    )
-    if valid_loaders:
-        res = fit_stored_level(model.e2ip_novelty, level_columns(model, valid_loaders, device))
-        logging.info("e2ip: stored calibration fitted on %d validation atoms: c = %.4g, beta = %.4g "
-                     "(val NLL %.4f, head alone %.4f)", int(res["atoms"]), res["c"], res["beta"], res["nll"],
-                     res["nll_head"])
-        fit_energy_noise(model, valid_loaders, device)
-    else:
-        logging.warning("e2ip: no validation data: the stored calibration stays at c = 1, beta = 0")
-    model.train(was_training)
-    return True
-
-
-def validation_outputs(model: torch.nn.Module, loaders, device):
-    """Yield ``(data, output)`` of the model's evaluation forward (with forces) over every validation batch."""
-    for loader in loaders:
-        for batch in loader:
-            data = batch.to(device).to_dict()
-            yield data, model(data, training=False, compute_force=True)
-
-
-def level_columns(model: torch.nn.Module, loaders, device):
-    """Yield the per-atom validation columns of :func:`e2ip_plugins.level.fit_stored_level` (full forward)."""
-    for data, out in validation_outputs(model, loaders, device):
-        yield {
-            "nu": out["e2ip_nu"], "kappa": out["e2ip_kappa"], "sigma0_inv": out["e2ip_sigma0_inv"],
-            "sigma0_logdet": out["e2ip_sigma0_logdet"], "residual": data["forces"] - out["forces"],
-            "ratio": out["e2ip_novelty"], "sigma0": out["e2ip_sigma0"], "frame": data["batch"],
-            "species": torch.argmax(data["node_attrs"], dim=-1),
-        }
-
 __all__ = [
     "ATOM_LEVEL_KEYS", "COVARIANCE_KEYS", "E2IPConfigError", "E2IPMACE", "E2IPScaleShiftMACE", "EVIDENCE_KEYS",
-    "attach_e2ip_head", "fit_novelty", "head_feature_slice", "head_out_from_output", "output_head_type", "predictive_from_output",
+    "attach_e2ip_head", "head_feature_slice", "head_out_from_output", "output_head_type", "predictive_from_output",
 ]
 _ = e2ip_plugins  # core import first (allow-lists e3nn's constants before mace imports e3nn)
