@@ -2,5 +2,7 @@
 
     python -m benchmarks.run --backbone both --profile quick --data-dir ../shared/data --out bench_out
 
-See :mod:`benchmarks.run` for what is trained, evaluated and reported.
+The modules at this level are the maintained entry points (``benchmarks/README.md`` lists each);
+:mod:`benchmarks.common` holds what they share, :mod:`benchmarks.probes` the one-off probes whose
+findings are recorded in docs/.
 """

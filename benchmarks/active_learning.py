@@ -9,7 +9,7 @@
     # every selector's budget spread round-robin over the MD starts (report_stratified.md)
     .venv-mace/bin/python -m benchmarks.active_learning --out al_strat --stratify start --selectors e2ip random
 
-Data (``benchmarks.data.write_splits`` on ``../shared/data``, split seed 0): the initial labelled set is
+Data (``benchmarks.common.data.write_splits`` on ``../shared/data``, split seed 0): the initial labelled set is
 ``--initial`` frames of the in-distribution training pool, validation ``--n-val`` frames of its
 validation pool, held-out sets ``--n-held-out`` (50) frames of the test split and of each
 out-of-distribution file (strided). MD starts: the first training frame of every in-distribution isomer. Labels: GFN2-xTB
@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from .common import REPO, SHARED_DATA
+
 SELECTORS = ("e2ip", "committee", "random")
 E2IP_KEYS = {"e2ip_head": "e2ip", "e2ip_weight": 1.0, "e2ip_reg": 0.1, "e2ip_novelty": True,
              "e2ip_novelty_mode": "linear", "e2ip_novelty_quantile": 0.99}
@@ -41,7 +42,7 @@ E2IP_KEYS = {"e2ip_head": "e2ip", "e2ip_weight": 1.0, "e2ip_reg": 0.1, "e2ip_nov
 def prepare(args, out: Path) -> dict:
     import ase.io
 
-    from benchmarks.data import SplitSpec, write_splits
+    from .common.data import SplitSpec, write_splits
 
     data_dir = Path(args.data_dir)
     man = write_splits(str(data_dir / "iso7_dev_id.xyz"), {"ood_mol": str(data_dir / "iso7_dev_ood_mol.xyz"),
@@ -161,7 +162,7 @@ def report(args, out: Path) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="al_bench")
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--data-dir", default=str(SHARED_DATA))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--selectors", nargs="+", default=list(SELECTORS), choices=SELECTORS)
     p.add_argument("--iterations", type=int, default=3)

@@ -19,8 +19,9 @@ from typing import Dict, List
 
 import numpy as np
 
-METHODS = ("plain", "e2ip", "eip", "ensemble", "ensemble_iso")
-COST_METHODS = ("plain", "e2ip", "eip", "ensemble")
+from .common import REPO
+from .common.backends import METHODS, SCORED
+
 ACCURACY = ("forces_mae", "forces_rmse")
 UQ = ("forces_nll", "forces_spearman", "forces_auroc", "forces_coverage_50", "forces_coverage_90",
       "forces_miscal_area", "forces_ence", "forces_sharpness")
@@ -34,7 +35,7 @@ def check_results(path, rtol: float = 1e-9) -> Dict:
     path = Path(path)
     r = json.loads(path.read_text())
     sets: List[str] = r["data"]["eval_sets"]
-    for m in METHODS:
+    for m in SCORED:
         assert m in r["methods"], f"method {m} missing"
         res = r["methods"][m]
         keys = ACCURACY + (UQ if m != "plain" else ())
@@ -62,10 +63,10 @@ def check_results(path, rtol: float = 1e-9) -> Dict:
             assert set(res["u_ratio_ood_id"]) == set(r["data"]["ood_sets"])
     timing = r["cost"]["inference"]["timing"]
     for label in ("small", "large"):
-        for m in COST_METHODS:
+        for m in METHODS:
             assert timing[label]["median_s"][m] > 0, (label, m)
         assert timing[label]["ratio_to_plain"]["plain"] == 1.0
-    for m in COST_METHODS:
+    for m in METHODS:
         t = r["cost"]["training"][m]
         assert t["epoch_s"] and t["epoch_s"] > 0 and t["peak_rss_mb"] > 0, (m, t)
     assert r["cost"]["training"]["plain"]["epoch_s_ratio"] == 1.0
@@ -77,13 +78,13 @@ def run_smoke(backbone: str, out: Path) -> Path:
     import os
     import subprocess
 
-    repo = Path(__file__).resolve().parents[1]
-    data = repo / "e2ip_plugins" / "data"
+    from e2ip_plugins.demo_data import demo_file
+
     cmd = [sys.executable, "-m", "benchmarks.run", "--backbone", backbone, "--profile", "smoke", "--out", str(out),
-           "--id-file", str(data / "iso7_train.xyz"), "--ood-file", f"ood_mol={data / 'iso7_ood_mol.xyz'}",
-           "--ood-file", f"ood_hot={data / 'iso7_ood_hot.xyz'}"]
+           "--id-file", str(demo_file("train")), "--ood-file", f"ood_mol={demo_file('ood_mol')}",
+           "--ood-file", f"ood_hot={demo_file('ood_hot')}"]
     env = dict(os.environ, WANDB_MODE="disabled")
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return out
 
@@ -100,7 +101,11 @@ def check_smoke_run(out: Path, backbone: str) -> Dict:
 
 
 def main(argv=None) -> None:
-    for p in argv if argv is not None else sys.argv[1:]:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+", help="results_<backbone>.json files written by benchmarks.run")
+    for p in ap.parse_args(argv).results:
         check_results(p)
         print(f"{p}: ok")
 

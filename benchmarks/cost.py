@@ -6,7 +6,7 @@ peak memory, eager and deployed, as ratios e2ip / plain measured in the same run
     python -m benchmarks.cost --report /tmp/cost/cost_mace.json /tmp/cost/cost_nequip.json --out DIR
 
 Models are untrained (one epoch on ``--train-frames`` frames, cost does not depend on training) and built
-through the public CLIs with identical backbone flags for both methods (:class:`benchmarks.backends.Backend`):
+through the public CLIs with identical backbone flags for both methods (:class:`benchmarks.common.backends.Backend`):
 ``mace_run_train`` / ``mace_run_train_e2ip`` (which write ``.model`` and the TorchScript ``_compiled.model``),
 ``nequip-train`` with ``benchmarks/configs/nequip_plain.yaml`` / ``configs/nequip/e2ip.yaml``, then
 ``nequip-compile --mode aotinductor`` with target ``ase`` (plain) / ``e2ip_ase`` (e2ip).
@@ -15,7 +15,7 @@ Structures: a periodic box of molecules from the dev file (randomly rotated on a
 ``DMIN`` Å, liquid density ``DENSITY`` g/cm³). Inference = one ASE ``calculate`` (neighbour list included),
 both methods in one process, ``--repeats`` alternating calls after a warm-up, medians. Training step =
 forward + loss + backward + Adam on ``--batch`` frames. Peak memory = VmHWM increment over the post-import
-baseline in a fresh process per method (:mod:`benchmarks.cost_probe`). A configuration that exceeds
+baseline in a fresh process per method (:mod:`benchmarks.common.cost_probe`). A configuration that exceeds
 ``--time-cap`` s or ``--mem-cap-gb`` of RSS is killed and reported as not measured, with the reason.
 """
 
@@ -33,12 +33,12 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .backends import _bin, make_backend
-from .cost_report import table, write_report  # noqa: F401  (table: re-exported for the tests)
-from .profiles import resolve_device
+from .common import REPO, SHARED_DATA
+from .common.backends import _bin, make_backend
+from .common.cost_report import write_report
+from .common.profiles import resolve_device
 
-REPO = Path(__file__).resolve().parents[1]
-DEV_FILE = REPO.parent / "shared" / "data" / "iso7_dev_id.xyz"
+DEV_FILE = SHARED_DATA / "iso7_dev_id.xyz"
 DATA = {"energy_key": "REF_energy", "forces_key": "REF_forces", "elements": ["H", "C", "O"]}
 DENSITY, DMIN = 1.0, 1.2
 
@@ -50,7 +50,7 @@ COST_PROFILES: Dict[str, Dict[str, Any]] = {
     # the issue's sizes: NequIP 64 features, l_max 2, 4 layers; MACE 128x0e+128x1o, max_L 1, 2 interactions, ν = 3
     "realistic": dict(backbones={"mace": _MACE_R, "nequip": _NEQUIP_R}, atoms=[1000, 10000], repeats=3,
                       train_repeats=5, batch=5, deployed_atoms=[1000, 10000]),
-    # the backbones of benchmarks.profiles "quick" (16 channels, l <= 1, 2 layers)
+    # the backbones of benchmarks.common.profiles "quick" (16 channels, l <= 1, 2 layers)
     "quick": dict(backbones={"mace": _MACE_Q, "nequip": _NEQUIP_Q}, atoms=[1000], repeats=7, train_repeats=7,
                   batch=5, deployed_atoms=[1000]),
     # seconds-scale plumbing check (tests): tiny models, ~40 atoms, no deployed path
@@ -231,7 +231,7 @@ class CostRun:
                 "type_names": DATA["elements"]}
         spec_path = self.out / f"spec_{tag}.json"
         spec_path.write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "benchmarks.cost_probe", what, "--spec", str(spec_path)]
+        cmd = [sys.executable, "-m", "benchmarks.common.cost_probe", what, "--spec", str(spec_path)]
         r = run_capped(cmd, self.out / f"{tag}.log", self.a.time_cap, self.a.mem_cap_gb, self.env)
         log(f"{tag}: " + (f"{r['result'].get('ratio', r['result'].get('increment_mb', r['result'].get('ratio_after')))}" if "result" in r
                           else f"not measured: {r['reason']}"))

@@ -31,17 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from .backends import make_backend
+from .common.backends import make_backend
+from .common.runtime import run_logged
 
 SETS = ("val", "test", "ood_mol", "ood_hot")
 VARIANTS = ("base", "head")
+
+
 def head_settings(backbone: str, weight: float, variant: str = "head", energy_weight: float = 0.0,
                   detach: bool = True) -> dict:
     """Extra options of one variant; ``energy_weight`` > 0 sets the energy loss weight of both variants;
@@ -79,15 +80,11 @@ def _train(backbone: str, settings: dict, variant: str, seed: int, bench: Path, 
     files = {k: str(bench / "data" / f"{k}.xyz") for k in ("train", "val", "test")}
     data = {"energy_key": "REF_energy", "forces_key": "REF_forces", "elements": ["C", "H", "O"]}
     cmd = backend.train_cmd("e2ip", run_dir, name, seed, files, settings["epochs"], data)
-    t0, c0 = time.time(), os.times()
-    with open(run_dir / "train.out", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]).returncode
-    c1 = os.times()
-    if rc != 0:
-        raise RuntimeError(f"training failed ({rc}): see {run_dir / 'train.out'}")
+    res = run_logged(cmd, run_dir / "train.out", dict(os.environ))
+    if res["rc"] != 0:
+        raise RuntimeError(f"training failed ({res['rc']}): see {run_dir / 'train.out'}")
     art = backend.artifact(run_dir, name)
-    done.write_text(json.dumps({"artifact": str(art), "wall_s": time.time() - t0,
-                                "cpu_s": (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system),
+    done.write_text(json.dumps({"artifact": str(art), "wall_s": res["wall_s"], "cpu_s": res["cpu_s"],
                                 "command": " ".join(map(str, cmd))}, indent=1))
     return art
 

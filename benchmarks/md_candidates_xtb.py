@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "e2ip_plugins" / "data"
+from .common import REPO
+
+DATA = REPO / "e2ip_plugins" / "data"  # the shipped demo files (the label step's environment may lack torch)
 
 
 def starting_structures():

@@ -100,9 +100,9 @@ def test_nll_of_logc_equals_the_full_student_t_nll():
 
 
 def test_frontier_scale_at_which_an_atom_is_covered_matches_the_metric_coverage():
-    """benchmarks.level_frontier sets c from per-atom 'covered from this scale on' values; at that c the
+    """benchmarks.probes.level_frontier sets c from per-atom 'covered from this scale on' values; at that c the
     cov90 of UQMetricState (PIT of the scaled Student-t) must equal the targeted fraction."""
-    from benchmarks.level_frontier import covered_scale, predictive
+    from benchmarks.probes.level_frontier import covered_scale, predictive
     from e2ip_plugins.metrics import UQMetricState
 
     nu, kappa, sigma0, sigma0_inv, logdet, res, ratio = _synthetic(400, 0.8, 2.0, 3)

@@ -1,5 +1,6 @@
-"""Issue 16: the cost benchmark's measurements (``benchmarks.cost_probe``) and table (``benchmarks.cost``) on
-tiny MACE models in a ~40-atom periodic box, eager and TorchScript paths: finite ratios, covariances produced."""
+"""Issue 16: the cost benchmark's measurements (``benchmarks.common.cost_probe``) and table
+(``benchmarks.common.cost_report``) on tiny MACE models in a ~40-atom periodic box, eager and TorchScript
+paths: finite ratios, covariances produced."""
 
 import json
 import math
@@ -8,7 +9,8 @@ import ase.io
 import pytest
 import torch
 
-from benchmarks import cost, cost_probe
+from benchmarks import cost
+from benchmarks.common import cost_probe, cost_report
 from mace_ext.model import attach_e2ip_head
 
 from .helpers import DATA, tiny_mace
@@ -51,7 +53,7 @@ def test_cost_table_has_finite_ratios(spec):
     res = {"backbone": "mace", "inference": inference, "training": [{"dtype": "float64", "result": train}],
            "memory": [{"dtype": "float64", "atoms_requested": 40, "path": "eager", "plain": {"reason": "skipped"},
                        "e2ip": {"reason": "skipped"}}]}
-    md = cost.table([json.loads(json.dumps(res))])
+    md = cost_report.table([json.loads(json.dumps(res))])
     rows = [r for r in md.splitlines()[2:]]
     assert len(rows) == 4
     for row in rows[:3]:

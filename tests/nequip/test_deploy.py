@@ -375,8 +375,8 @@ def test_plain_ase_target_gives_clear_error(artefacts):
 
 
 def test_cost_module_share_times_the_uq_modules(artefacts, molecule, tmp_path):
-    """benchmarks.cost_probe.module_share (issue 16) times exactly the e²IP modules of the energy network."""
-    from benchmarks import cost_probe
+    """benchmarks.common.cost_probe.module_share (issue 16) times exactly the e²IP modules of the energy network."""
+    from benchmarks.common import cost_probe
 
     ase.io.write(tmp_path / "m.xyz", molecule)
     r = cost_probe.module_share({"backbone": "nequip", "device": "cpu", "dtype": "float64", "repeats": 2, "warmup": 1,

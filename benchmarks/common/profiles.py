@@ -1,4 +1,4 @@
-"""Benchmark profiles: data budget, backbone hyperparameters, epochs, timing repeats.
+"""Profiles of ``benchmarks.run``: data budget, backbone hyperparameters, epochs, timing repeats.
 
 ``quick``  2-core CPU, one thread per process, < 60 min for both backbones (run side by side).
 ``full``   what a GPU user runs: every frame of the split pools and OOD files, larger backbones, many

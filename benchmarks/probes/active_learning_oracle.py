@@ -1,6 +1,6 @@
 """Would any score beat random selection in the active-learning benchmark? A one-step oracle test (issue 14).
 
-    .venv-mace/bin/python -m benchmarks.active_learning_oracle --bench al_bench --seeds 0 1
+    .venv-mace/bin/python -m benchmarks.probes.active_learning_oracle --bench al_bench --seeds 0 1
 
 Takes iteration 0 of the finished e²IP loops of ``benchmarks.active_learning`` (``<bench>/e2ip_s<seed>``):
 the model trained on the initial frames and the frames its MD explored. Every explored frame is labelled

@@ -1,8 +1,8 @@
 """Candidates for the deployed epistemic level (issue 12), compared post hoc on one trained e²IP model.
 
-    .venv-mace/bin/python -m benchmarks.level_candidates --model /tmp/bn/mace/runs/e2ip_s0/e2ip_s0.model \\
+    .venv-mace/bin/python -m benchmarks.probes.level_candidates --model /tmp/bn/mace/runs/e2ip_s0/e2ip_s0.model \\
         --split-dir /tmp/bn/data --out /tmp/bn/level_mace.json
-    .venv-nequip/bin/python -m benchmarks.level_candidates --model /tmp/bn/nequip/runs/e2ip_s0/best.ckpt \\
+    .venv-nequip/bin/python -m benchmarks.probes.level_candidates --model /tmp/bn/nequip/runs/e2ip_s0/best.ckpt \\
         --split-dir /tmp/bn/data --out /tmp/bn/level_nequip.json
 
 One forward pass per set (val, test, ood_mol, ood_hot) with the stored calibration at identity gives,
@@ -17,7 +17,7 @@ is then a map of those columns whose constants are fitted on **val only** (:func
   df 3) on the dev models; a > 1 lightens the tails.
 
 The test and OOD files are only evaluated. ``--extra-val FILE`` appends FILE's frames (for example warm
-frames of the training molecules from :mod:`benchmarks.warm_frames`) to the validation set that every
+frames of the training molecules from :mod:`benchmarks.probes.warm_frames`) to the validation set that every
 fit reads, to see what a validation set containing a shift would choose.
 """
 

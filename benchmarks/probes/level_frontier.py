@@ -1,8 +1,8 @@
 """Which of issue 12's targets any calibration of a trained e²IP model could meet: an oracle frontier.
 
-    .venv-mace/bin/python -m benchmarks.level_frontier --model /tmp/bn/mace/runs/e2ip_s0/e2ip_s0.model \\
+    .venv-mace/bin/python -m benchmarks.probes.level_frontier --model /tmp/bn/mace/runs/e2ip_s0/e2ip_s0.model \\
         --split-dir /tmp/bn/data --results benchmarks/reports/quick_level/results_mace.json
-    .venv-nequip/bin/python -m benchmarks.level_frontier --model /tmp/bn/nequip/runs/e2ip_s0/best.ckpt \\
+    .venv-nequip/bin/python -m benchmarks.probes.level_frontier --model /tmp/bn/nequip/runs/e2ip_s0/best.ckpt \\
         --split-dir /tmp/bn/data --results benchmarks/reports/quick_level/results_nequip.json
 
 **This script reads the test and OOD files to choose constants, on purpose: nothing it finds may be
@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.level_candidates import SETS, _cat, _columns_mace, _columns_nequip
-from benchmarks.level_candidates import _dof_predictive as predictive  # (cs, c, β, a, γ)
-from benchmarks.report import T_COV, T_ENCE, T_RMV, T_UTAIL
+from ..common.report_tables import T_COV, T_ENCE, T_RMV, T_UTAIL
+from .level_candidates import SETS, _cat, _columns_mace, _columns_nequip
+from .level_candidates import _dof_predictive as predictive  # (cs, c, β, a, γ)
 
 BETAS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 AS = (1.0, 2.0, 4.0, 8.0)
@@ -53,13 +53,13 @@ def covered_scale(cs, beta: float, a: float, gamma: float) -> np.ndarray:
 
 
 def level_ok(m: dict) -> bool:
-    """The issue's four level targets on one set (bounds inclusive, as in ``benchmarks.report``)."""
+    """The issue's four level targets on one set (bounds inclusive, as in ``benchmarks.common.report_tables``)."""
     return (T_COV[0] <= m["forces_coverage_90"] <= T_COV[1] and T_RMV[0] <= m["rmv_rmse"] <= T_RMV[1]
             and m["forces_ence"] <= T_ENCE and m["u_tail"] <= T_UTAIL)
 
 
 def margin(ms: dict) -> float:
-    """Smallest slack over the level targets (``benchmarks.report``) and sets (≥ 0 iff feasible)."""
+    """Smallest slack over the level targets (``benchmarks.common.report_tables``) and sets (≥ 0 iff feasible)."""
     out = []
     for m in ms.values():
         out += [m["forces_coverage_90"] - T_COV[0], T_COV[1] - m["forces_coverage_90"], m["rmv_rmse"] - T_RMV[0],

@@ -10,8 +10,9 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from .backends import NAMES, SCORED
+
 COLORS = {"e2ip": "tab:red", "eip": "tab:blue", "ensemble": "tab:green", "ensemble_iso": "tab:olive", "plain": "tab:gray"}
-LABELS = {"e2ip": "e²IP", "eip": "eIP", "ensemble": "ensemble", "ensemble_iso": "ensemble (iso)", "plain": "plain"}
 
 
 def method_plots(all_cols: Dict[str, Dict[str, Any]], out_dir: Path, backbone: str) -> List[Path]:
@@ -38,7 +39,7 @@ def method_plots(all_cols: Dict[str, Dict[str, Any]], out_dir: Path, backbone: s
             if cols[s]["recal"] is None:
                 continue
             p, f = reliability_curve(cols[s]["recal"]["pit"])
-            ax.plot(p, f, color=COLORS.get(method), label=LABELS.get(method, method))
+            ax.plot(p, f, color=COLORS.get(method), label=NAMES.get(method, method))
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set(title=f"{backbone}: {s} (recalibrated)", xlabel="nominal central-region probability",
                ylabel="observed fraction")
@@ -65,14 +66,14 @@ def sweep_plot(results: Dict[str, Any], out_path: Path) -> Path:
     panels += [(s, "forces_auroc", f"{s} AUROC", "raw") for s in ood]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, (s, key, title, kind) in zip(axes[0], panels):
-        for method in ("plain", "e2ip", "eip", "ensemble", "ensemble_iso"):
+        for method in SCORED:
             ys = []
             for n in sizes:
                 m = sweep[str(n)].get(method)
                 ys.append(m["sets"][s][kind].get(key, np.nan) if m else np.nan)
             if np.all(np.isnan(ys)):
                 continue
-            ax.plot(sizes, ys, "o-", color=COLORS[method], label=LABELS[method])
+            ax.plot(sizes, ys, "o-", color=COLORS[method], label=NAMES[method])
         ax.set(xscale="log", xlabel="training frames", title=title)
         ax.set_xticks(sizes)
         ax.set_xticklabels([str(n) for n in sizes])

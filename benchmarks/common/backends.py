@@ -33,14 +33,17 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_CONFIGS = Path(__file__).resolve().parent / "configs"
-METHODS = ("plain", "e2ip", "eip", "ensemble")
-UQ_METHODS = ("e2ip", "eip", "ensemble")
+from . import REPO
+
+BENCH_CONFIGS = REPO / "benchmarks" / "configs"
+METHODS = ("plain", "e2ip", "eip", "ensemble")  # what is trained, timed and loaded
+# what is scored: the methods plus a diagnostic variant of the ensemble (``evaluation.isotropic``)
+SCORED = METHODS + ("ensemble_iso",)
+NAMES = {"plain": "plain", "e2ip": "e²IP", "eip": "eIP", "ensemble": "ensemble", "ensemble_iso": "ensemble (iso)"}
 
 
 def _bin(name: str) -> str:
@@ -71,7 +74,7 @@ class Backend:
     name = ""
 
     def __init__(self, settings: Dict[str, Any]):
-        self.s = settings  # the profile's settings for this backbone (see benchmarks.profiles)
+        self.s = settings  # the profile's settings for this backbone (see benchmarks.common.profiles)
 
     # --- training ---------------------------------------------------------------------------------
     def train_cmd(self, method: str, run_dir: Path, run_name: str, seed: int, files: Dict[str, str],
@@ -190,7 +193,7 @@ class MaceBackend(Backend):
 
 # ============================================================================================== NequIP
 # the benchmark's NequIP configs use the chemical symbols as type names (identity map)
-_SPECIES = {"chemical_species_to_atom_type_map": True}
+SPECIES = {"chemical_species_to_atom_type_map": True}
 
 
 class NequipBackend(Backend):
@@ -256,11 +259,11 @@ class NequipBackend(Backend):
         if method in ("e2ip", "eip"):
             from nequip_ext import E2IPNequIPCalculator
 
-            return Handle(method, [E2IPNequIPCalculator.from_saved_model(str(artifacts[0]), device=device, **_SPECIES)])
+            return Handle(method, [E2IPNequIPCalculator.from_saved_model(str(artifacts[0]), device=device, **SPECIES)])
         from nequip.integrations.ase import NequIPCalculator
 
         # NequIP 0.19.1 has no public eager loader for plain models (see module docstring)
-        return Handle(method, [NequIPCalculator._from_saved_model(str(a), device=device, **_SPECIES) for a in artifacts])
+        return Handle(method, [NequIPCalculator._from_saved_model(str(a), device=device, **SPECIES) for a in artifacts])
 
     def predict(self, handle, atoms):
         import torch

@@ -1,8 +1,8 @@
 """In-process measurements for :mod:`benchmarks.cost` (one fresh process per call, so peaks are its own).
 
-    python -m benchmarks.cost_probe time  --spec spec.json   # interleaved plain/e2ip inference, median
-    python -m benchmarks.cost_probe mem   --spec spec.json   # peak RSS of one method, one path
-    python -m benchmarks.cost_probe train --spec spec.json   # interleaved training steps, median
+    python -m benchmarks.common.cost_probe time  --spec spec.json   # interleaved plain/e2ip inference, median
+    python -m benchmarks.common.cost_probe mem   --spec spec.json   # peak RSS of one method, one path
+    python -m benchmarks.common.cost_probe train --spec spec.json   # interleaved training steps, median
 
 Every figure is one ASE ``calculate`` (neighbour list + model + the calculator's own work, covariances
 included for e2ip) or one training step (forward + loss + backward + Adam step). Loaders:
@@ -27,9 +27,8 @@ import statistics
 import time
 from typing import Any, Dict, List, Tuple
 
+from .backends import SPECIES, make_backend
 from .memprobe import _peak, _reset_peak, _status
-
-SPECIES = {"chemical_species_to_atom_type_map": True}
 
 
 def setup_threads(spec: Dict[str, Any]) -> None:
@@ -40,29 +39,25 @@ def setup_threads(spec: Dict[str, Any]) -> None:
 
 
 def load(spec: Dict[str, Any], method: str, path: str):
-    """An ASE calculator for ``method`` (plain | e2ip) on ``path`` (eager | deployed)."""
-    import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)
-
+    """An ASE calculator for ``method`` (plain | e2ip) on ``path``: eager through the benchmark's own loaders
+    (:meth:`benchmarks.common.backends.Backend.load`), deployed on the compiled artefacts."""
     art, device, backbone = spec["artifacts"][method], spec["device"], spec["backbone"]
+    if path == "eager":
+        return make_backend(backbone, {"dtype": spec["dtype"]}).load(method, [art["model"]], device).calcs[0]
     if backbone == "mace":
+        import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)
         import torch
         from mace.calculators import MACECalculator
 
         from mace_ext import E2IPMACECalculator
 
         cls = MACECalculator if method == "plain" else E2IPMACECalculator
-        if path == "eager":
-            return cls(model_paths=art["model"], device=device, default_dtype=spec["dtype"])
         return cls(models=[torch.jit.load(art["compiled"], map_location=device)], device=device,
                    default_dtype=spec["dtype"])
     from nequip.integrations.ase import NequIPCalculator
 
     from nequip_ext import E2IPNequIPCalculator
 
-    if path == "eager":
-        if method == "plain":  # NequIP 0.19.1 has no public eager loader for plain models (benchmarks.backends)
-            return NequIPCalculator._from_saved_model(art["model"], device=device, **SPECIES)
-        return E2IPNequIPCalculator.from_saved_model(art["model"], device=device, **SPECIES)
     cls = NequIPCalculator if method == "plain" else E2IPNequIPCalculator
     return cls.from_compiled_model(art["compiled"], device=device, **SPECIES)
 
@@ -175,7 +170,7 @@ def memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     import torch
 
     atoms = ase.io.read(spec["structure"])
-    _import_framework(spec["backbone"])
+    make_backend(spec["backbone"], {"dtype": spec["dtype"]}).import_framework()  # the baseline includes the imports
     resettable = _reset_peak()
     base = _status("VmRSS") if resettable else _peak(False)
     cuda = spec["device"].startswith("cuda")
@@ -190,17 +185,6 @@ def memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     if cuda:
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
-
-
-def _import_framework(backbone: str) -> None:
-    import e2ip_plugins  # noqa: F401
-
-    if backbone == "mace":
-        import mace.calculators  # noqa: F401
-        import mace_ext  # noqa: F401
-    else:
-        import nequip.integrations.ase  # noqa: F401
-        import nequip_ext  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------- training step

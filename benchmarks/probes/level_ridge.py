@@ -1,6 +1,6 @@
 """Choose the novelty ridge exponent k of δ_z = max(10⁻⁶, (D/n_z)^k) by validation NLL (issue 12).
 
-    .venv-mace/bin/python -m benchmarks.level_ridge --model <bench>/mace/runs/e2ip_s0/e2ip_s0.model --split-dir <bench>/data
+    .venv-mace/bin/python -m benchmarks.probes.level_ridge --model <bench>/mace/runs/e2ip_s0/e2ip_s0.model --split-dir <bench>/data
 
 For each k the novelty moments are refitted on the training split, s_ref and the stored calibration
 [c, β] on the validation split (the same code as training), and the fitted validation NLL is printed.

@@ -1,6 +1,6 @@
 """Force-Jacobian LLPR candidate for the epistemic level (issue 12), post hoc on a MACE e²IP model.
 
-    .venv-mace/bin/python -m benchmarks.level_jacobian_llpr --model /tmp/bn/mace/runs/e2ip_s0/e2ip_s0.model \\
+    .venv-mace/bin/python -m benchmarks.probes.level_jacobian_llpr --model /tmp/bn/mace/runs/e2ip_s0/e2ip_s0.model \\
         --split-dir /tmp/bn/data --out /tmp/bn/level_jacobian_mace.json
 
 Last-layer features φ_i: the inputs of the final linear map of every MACE readout (the ``0e`` channels
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from benchmarks.level_candidates import SETS, _cat, _columns_mace, print_sets
+from .level_candidates import SETS, _cat, _columns_mace, print_sets
 
 
 def _features_hooks(model):

@@ -1,6 +1,6 @@
 """Peak memory of one method at inference, in a fresh process (so the numbers are that method's alone).
 
-    python -m benchmarks.memprobe --backbone mace --method e2ip --settings s.json --artifacts a.model \
+    python -m benchmarks.common.memprobe --backbone mace --method e2ip --settings s.json --artifacts a.model \
         --structures small.xyz large.xyz
 
 Linux peak resident set size ``VmHWM`` (``/proc/self/status``), with the peak reset

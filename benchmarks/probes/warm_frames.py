@@ -1,6 +1,6 @@
 """Warm frames of the training molecules: a validation set that contains a thermal shift (issue 12 probe).
 
-    .venv-mace/bin/python -m benchmarks.warm_frames --train /tmp/bn/data/train.xyz --factor 1.5 \\
+    .venv-mace/bin/python -m benchmarks.probes.warm_frames --train /tmp/bn/data/train.xyz --factor 1.5 \\
         --frames 20 --out /tmp/bn/warm750.xyz
 
 For each molecule (``smiles``) of the training split, GFN2-xTB Langevin MD (the labeller of the active
