@@ -28,13 +28,20 @@ $(NEQUIP_VENV)/.e2ip-installed: pyproject.toml
 	$(NEQUIP_VENV)/bin/python -m pip install -q -e ".[nequip,wandb,dev,xtb]" "$(TORCH_SPEC)"
 	touch $@
 
+# one thread per suite: the two suites run side by side on the machine's cores
+SUITE_ENV = WANDB_MODE=offline OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 test-mace: $(MACE_VENV)/.e2ip-installed
-	WANDB_MODE=offline $(MACE_VENV)/bin/python -m pytest tests/core tests/mace $(PYTEST_ARGS)
+	$(SUITE_ENV) $(MACE_VENV)/bin/python -m pytest tests/core tests/mace $(PYTEST_ARGS)
 
 test-nequip: $(NEQUIP_VENV)/.e2ip-installed
-	WANDB_MODE=offline $(NEQUIP_VENV)/bin/python -m pytest tests/core tests/nequip $(PYTEST_ARGS)
+	$(SUITE_ENV) $(NEQUIP_VENV)/bin/python -m pytest tests/core tests/nequip $(PYTEST_ARGS)
 
-test: test-mace test-nequip
+# both environments built, then both suites at once; each suite's output is printed whole when it ends
+test:
+	@$(MAKE) --no-print-directory -j2 envs
+	@echo "running tests/core+tests/mace (.venv-mace) and tests/core+tests/nequip (.venv-nequip) side by side ..."
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-mace test-nequip
 
 # the real job: nequip-train (configs/nequip/e2ip.yaml) on the shipped iso7 data, then the UQ table
 # (ID / OOD molecules / OOD 1200 K, raw and recalibrated on val) and plots in demo_out/

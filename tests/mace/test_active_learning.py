@@ -73,34 +73,39 @@ def test_resume_of_a_finished_run_does_nothing(reference):
     assert (work / "labelled.extxyz").read_bytes() == before
 
 
-@pytest.mark.parametrize("where", ["train", "explore", "label"])
-def test_kill_and_resume_equals_uninterrupted(reference, tmp_path, where):
+def test_kill_and_resume_equals_uninterrupted(reference, tmp_path):
+    """One work directory killed (SIGKILL of the process group) in training, then — after a resume — in
+    exploration, then in labelling; the last resume ends with the uninterrupted run's labelled frames, and
+    a training that had finished is never redone."""
     _, cfg, ref_work, _ = reference
     work = tmp_path / "work"
     marker = tmp_path / "kill_in_label"
-    extra = {}
-    if where == "train":
-        def when():
-            log = work / "iter_0" / "train" / "member_0" / "train.log"
-            return log.is_file() and "Building model" in log.read_text()
-    elif where == "explore":
-        def when():
-            t = work / "iter_0" / "explore" / "run_0" / "trajectory.extxyz"
-            return t.is_file() and t.stat().st_size > 0
-    else:
-        marker.write_text("")
-        extra["E2IP_TEST_KILL_FILE"] = str(marker)
+    cfg = al.variant(cfg, "al_kill.yaml", final_train=False)  # the labelled set is complete without it
 
-        def when():
-            return False
-    cfg = al.variant(cfg, f"al_kill_{where}.yaml", final_train=False)  # the labelled set is complete without it
-    status = al.run_and_kill(cfg, work, when, **extra)
-    assert status != 0  # it was killed
-    assert not (work / "iter_0" / f"{where}.done.json").exists(), f"the kill came after {where} had finished"
+    def in_train():
+        log = work / "iter_0" / "train" / "member_0" / "train.log"
+        return log.is_file() and "Building model" in log.read_text()
+
+    def in_explore():
+        t = work / "iter_0" / "explore" / "run_0" / "trajectory.extxyz"
+        return t.is_file() and t.stat().st_size > 0
+
+    trained = work / "iter_0" / "train.done.json"
+    stamp = None
+    for where, when, extra in (("train", in_train, {}), ("explore", in_explore, {}),
+                               ("label", lambda: False, {"E2IP_TEST_KILL_FILE": str(marker)})):
+        if where == "label":
+            marker.write_text("")  # KillingXTB kills its own process on its second structure
+        status = al.run_and_kill(cfg, work, when, **extra)
+        assert status != 0, f"not killed in {where}"
+        assert not (work / "iter_0" / f"{where}.done.json").exists(), f"the kill came after {where} had finished"
+        if where == "explore":
+            assert trained.is_file()
+            stamp = trained.stat().st_mtime_ns
     res = al.run(cfg, work)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    if where != "train":
-        assert "iteration 0: training" not in res.stdout  # a finished training is never redone
+    assert "iteration 0: training" not in res.stdout  # a finished training is never redone ...
+    assert trained.stat().st_mtime_ns == stamp  # ... neither by this run nor by the one killed in labelling
     al.assert_same_frames(al.labelled(work), al.labelled(ref_work))
 
 

@@ -3,8 +3,9 @@
 One module-scoped pipeline through the real CLIs (subprocesses, no mocks):
 
 1. ``nequip-train -cp configs/nequip -cn e2ip`` for one epoch with a ``float64`` model (so that
-   equivariance and compiled-vs-eager checks can be held to float64 tolerances);
-2. ``nequip-package build`` on the best checkpoint;
+   equivariance and compiled-vs-eager checks can be held to float64 tolerances) and
+2. ``nequip-package build`` on the best checkpoint (both from the session fixture ``trained_float64`` in
+   ``conftest.py``, shared with ``test_md.py``);
 3. ``nequip-compile <package> --mode aotinductor --device cpu --target e2ip_ase`` (the compile
    target registered by ``nequip_ext``; compiling the *package* also checks that a packaged plugin
    model loads and exports). AOTInductor on CPU takes 1-3 minutes; it runs once per module.
@@ -13,8 +14,8 @@ Then :class:`nequip_ext.E2IPNequIPCalculator` is built from the checkpoint, the 
 compiled model and evaluated on a C7H10O2 molecule from ``e2ip_plugins/data/iso7_test.xyz``.
 
 ``--mode torchscript`` is not tested: NequIP 0.19.1 refuses it on torch >= 2.10 (the venv has 2.13).
-The ``--target ase`` → clear-error test needs a second AOTInductor compile (1-3 min more), so it
-runs only with ``E2IP_SLOW_TESTS=1``.
+The ``--target ase`` → clear-error test needs a second AOTInductor compile (about a minute on one CPU
+thread); it runs in ``make test`` all the same.
 """
 
 import os
@@ -41,10 +42,9 @@ BIN = pathlib.Path(sys.executable).parent
 ENV = {
     **os.environ,
     "WANDB_MODE": "offline",
-    "OMP_NUM_THREADS": "2",
+    "OMP_NUM_THREADS": "1",
     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
 }
-SLOW = os.environ.get("E2IP_SLOW_TESTS", "") not in ("", "0")
 
 COV_KEYS = list(K.COVARIANCE_KEYS)
 E2IP_KEYS = COV_KEYS + [K.FORCES_UNCERTAINTY_KEY, K.ENERGY_UNCERTAINTY_KEY]
@@ -65,30 +65,10 @@ def _run(cmd, cwd, timeout=900, env=None):
 
 
 @pytest.fixture(scope="module")
-def artefacts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("deploy")
+def artefacts(trained_float64):
+    d = trained_float64["dir"]
+    ckpt, pkg = trained_float64["ckpt"], trained_float64["package"]
     timings = {}
-    timings["train"] = _run(
-        [
-            BIN / "nequip-train",
-            "-cp",
-            REPO / "configs" / "nequip",  # absolute: independent of the working directory
-            "-cn",
-            "e2ip",
-            f"hydra.run.dir={d / 'train'}",
-            "run=[train]",
-            "max_epochs=1",
-            f"train_file={DATA / 'iso7_val.xyz'}",
-            f"val_file={DATA / 'iso7_val.xyz'}",
-            f"test_file={DATA / 'iso7_test.xyz'}",
-            "training_module.model.model_dtype=float64",
-        ],
-        cwd=REPO,
-    )
-    ckpt = d / "train" / "best.ckpt"
-    assert ckpt.is_file()
-    pkg = d / "model.nequip.zip"
-    timings["package"] = _run([BIN / "nequip-package", "build", ckpt, pkg], cwd=d)
     pt2 = d / "model.nequip.pt2"
     timings["compile"] = _run(
         [BIN / "nequip-compile", pkg, pt2, "--mode", "aotinductor", "--device", "cpu", "--target", "e2ip_ase"], cwd=d
@@ -333,7 +313,6 @@ def test_covariance_spd_and_uncertainty(calcs, molecule, which):
     np.testing.assert_allclose(res[K.FORCES_UNCERTAINTY_KEY], u, rtol=TOL64, atol=0)
 
 
-@pytest.mark.skipif(not SLOW, reason="needs a second AOTInductor compile (1-3 min on CPU); set E2IP_SLOW_TESTS=1")
 def test_exact_predictive(calcs, molecule):
     """Eager calculators give the exact Student-t predictive, consistent with the covariance keys and with scipy;
     compiled models (covariance outputs only) say how to get it."""

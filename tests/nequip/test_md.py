@@ -1,8 +1,8 @@
 """MD tools on NequIP (issue 13): UDD bias force = −∂E_bias/∂r through a real NequIP model (checkpoint and
 ``nequip-package`` file, float64), ``e2ip-md`` on a checkpoint (subprocess), compiled models refused for UDD.
 
-One module-scoped artefact: ``nequip-train`` (1 epoch, float64, ``configs/nequip/e2ip.yaml``) and
-``nequip-package build`` of its checkpoint (~30 s together on one CPU thread). No AOTInductor compile here
+One artefact, shared with ``test_deploy.py`` (session fixture ``trained_float64``): ``nequip-train``
+(1 epoch, float64, ``configs/nequip/e2ip.yaml``) and ``nequip-package build`` of its checkpoint. No AOTInductor compile here
 (``test_deploy.py`` covers compiled models); the UDD refusal is tested on NequIP's own compiled-model
 wrapper (``DictInputOutputWrapper`` around an opaque runner, the structure ``load_compiled_model`` returns).
 """
@@ -22,23 +22,16 @@ import torch
 from e2ip_plugins.md import UDDCalculator, UDDUnsupportedError, find_adapter
 
 from ..udd_checks import check_udd_against_finite_differences
-from ._cli_helpers import DATA, nequip_train
+from ._cli_helpers import DATA
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 
 
 @pytest.fixture(scope="module")
-def artefacts(tmp_path_factory):
+def artefacts(trained_float64, tmp_path_factory):
     d = tmp_path_factory.mktemp("nequip_md")
-    nequip_train(d / "train", "run=[train]", "max_epochs=1", f"train_file={DATA / 'iso7_val.xyz'}",
-                 f"val_file={DATA / 'iso7_val.xyz'}", f"test_file={DATA / 'iso7_test.xyz'}",
-                 "training_module.model.model_dtype=float64")
-    ckpt = d / "train" / "best.ckpt"
-    pkg = d / "model.nequip.zip"
-    res = subprocess.run([str(BIN / "nequip-package"), "build", str(ckpt), str(pkg)], cwd=d, env=ENV,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt, pkg = trained_float64["ckpt"], trained_float64["package"]
     start = d / "start.xyz"
     ase.io.write(start, ase.io.read(DATA / "iso7_test.xyz", 0))
     return {"ckpt": ckpt, "package": pkg, "start": start}
