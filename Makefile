@@ -9,24 +9,28 @@ BENCH_PROFILE ?= quick
 BENCH_DATA  ?= ../shared/data
 BENCH_OUT   ?= bench_out
 BENCH_ARGS  ?=
+COMMA := ,
 
 .PHONY: test test-mace test-nequip demo bench envs clean-envs
 
 envs: $(MACE_VENV)/.e2ip-installed $(NEQUIP_VENV)/.e2ip-installed
 
+# pip's output goes to <venv>/install.log (printed if the install fails)
+define make_venv
+	@echo "building $(1) (e2ip[$(2)], $(TORCH_SPEC)); log: $(1)/install.log"
+	@$(PYTHON) -m venv $(1)
+	@( $(1)/bin/python -m pip install -q --upgrade pip \
+	   && $(1)/bin/python -m pip install -q "$(TORCH_SPEC)" \
+	   && $(1)/bin/python -m pip install -q -e ".[$(2)]" "$(TORCH_SPEC)" ) > $(1)/install.log 2>&1 \
+	   || { tail -n 40 $(1)/install.log; echo "pip install into $(1) failed: see $(1)/install.log"; exit 1; }
+	@touch $(1)/.e2ip-installed
+endef
+
 $(MACE_VENV)/.e2ip-installed: pyproject.toml
-	$(PYTHON) -m venv $(MACE_VENV)
-	$(MACE_VENV)/bin/python -m pip install -q --upgrade pip
-	$(MACE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(MACE_VENV)/bin/python -m pip install -q -e ".[mace,wandb,dev,xtb]" "$(TORCH_SPEC)"
-	touch $@
+	$(call make_venv,$(MACE_VENV),mace$(COMMA)wandb$(COMMA)dev$(COMMA)xtb)
 
 $(NEQUIP_VENV)/.e2ip-installed: pyproject.toml
-	$(PYTHON) -m venv $(NEQUIP_VENV)
-	$(NEQUIP_VENV)/bin/python -m pip install -q --upgrade pip
-	$(NEQUIP_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(NEQUIP_VENV)/bin/python -m pip install -q -e ".[nequip,wandb,dev,xtb]" "$(TORCH_SPEC)"
-	touch $@
+	$(call make_venv,$(NEQUIP_VENV),nequip$(COMMA)wandb$(COMMA)dev$(COMMA)xtb)
 
 # one thread per suite: the two suites run side by side on the machine's cores
 SUITE_ENV = WANDB_MODE=offline OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
