@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Set
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAPH_PACKAGES = ("e2ip_plugins", "mace_ext", "nequip_ext")
-SIZE_PACKAGES = GRAPH_PACKAGES + ("hydra_plugins",)
+SIZE_PACKAGES = GRAPH_PACKAGES + ("hydra_plugins", "benchmarks", "tests", "tools")
 MAX_LINES = 400
 FRAMEWORKS = ("mace_ext", "nequip_ext", "mace", "nequip")
 
