@@ -133,13 +133,13 @@ def load_model(ckpt: Path):
     return model
 
 
-def eval_loaders(ckpt: Path, splits: List[str]):
+def eval_loaders(ckpt: Path, files: List[str]):
     """NequIP test dataloaders (the checkpoint's own data pipeline: key mapping, type mapper, neighbor
-    list) over the demo files of ``splits``."""
+    list) over ``files``."""
     from hydra.utils import instantiate
 
     data_cfg = dict(torch.load(str(ckpt), map_location="cpu", weights_only=False)["hyper_parameters"]["info_dict"]["data"])
-    data_cfg["test_file_path"] = [str(demo_file(s)) for s in splits]
+    data_cfg["test_file_path"] = [str(f) for f in files]
     dm = instantiate(data_cfg, _recursive_=False)
     dm.setup(stage="test")
     return dm.test_dataloader()
@@ -181,7 +181,7 @@ def format_table(results: Dict[str, Dict[str, float]], labels: Dict[str, str]) -
 def evaluate(ckpt: Path, out: Path) -> dict:
     model = load_model(ckpt)
     splits = ["val"] + [split for _, _, split in TEST_SETS]
-    loaders = eval_loaders(ckpt, splits)
+    loaders = eval_loaders(ckpt, [demo_file(s) for s in splits])
     preds = {s: predict(model, dl) for s, dl in zip(splits, loaders)}
 
     pred_val, y_val, _ = preds["val"]

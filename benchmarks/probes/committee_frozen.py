@@ -1,0 +1,165 @@
+"""Probe (issue 26): does a force committee on a trained NequIP e²IP model's features follow the error out of
+distribution, where the shipped level does not?
+
+Members fit the reference forces (``--target forces``: direct force heads, the issue's design) or the frozen
+model's residual y − γ (``--target residual``: a committee of error models around γ).
+
+1. Loads a trained e²IP NequIP checkpoint eagerly (NequIP's ``load_saved_model``) and runs it over the
+   train, val and every ``--set`` file with the checkpoint's own data pipeline, keeping per atom the node
+   features the e²IP head reads (input of the last convnet, via a forward pre-hook on ``uq_head``), the
+   conservative forces γ, the deployed predictive (stored calibration applied) and the reference forces.
+2. Trains :class:`e2ip_plugins.force_committee.ForceCommittee` (M direct force heads) on the **frozen**
+   train features with :func:`e2ip_plugins.force_committee.committee_loss` (full batch, Adam).
+3. Fits one scale c on **val only**: the NLL of N(γ, U_ale + c·C), U_ale the head's aleatoric covariance
+   and C the committee's sample covariance (and, for "committee alone", N(γ, c·C)).
+4. Prints, per set, the DESIGN §4 metrics of the model as deployed (the shipped level), committee + head
+   U_ale, and committee alone; ``--out`` writes them as JSON.
+
+The backbone is frozen here (no joint training), so this measures the cheapest committee: a negative
+result says the committee must shape the features (joint training) or read several depths; a positive
+one says a frozen model can get it too (issue 27). One seed per run.
+
+    .venv-nequip/bin/python -m benchmarks.probes.committee_frozen --model demo_out/run/best.ckpt \\
+        --train e2ip_plugins/data/iso7_train.xyz --val e2ip_plugins/data/iso7_val.xyz \\
+        --set test=e2ip_plugins/data/iso7_test.xyz --set ood_chem=../shared/data/iso7_dev_ood_chem.xyz \\
+        --set ood_1500K=../shared/data/iso7_dev_ood_1500K.xyz --out committee_frozen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from scipy.optimize import minimize_scalar
+
+from e2ip_plugins.force_committee import ForceCommittee, committee_covariance, committee_loss
+from e2ip_plugins.metrics import UQMetricState
+from e2ip_plugins.predictive import GaussianPredictive
+
+COLUMNS = ("forces_rmse", "forces_nll", "forces_coverage_90", "rmv_rmse", "forces_ence", "u_tail", "forces_sharpness",
+           "forces_spearman", "forces_auroc", "frame_spearman", "frame_auroc")
+
+
+def collect(model, loader) -> Dict[str, torch.Tensor]:
+    """Per atom over one dataloader: features, γ, reference forces, frame index, deployed U_ale / predictive."""
+    from nequip.data import AtomicDataDict
+
+    from nequip_ext.train import predictive
+
+    head = next(m for n, m in model.named_modules() if n.endswith("uq_head"))
+    grabbed: List[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda mod, args: grabbed.append(args[0][mod.field].detach().clone()))
+    feats, gamma, ys, frames, preds = [], [], [], [], []
+    offset = 0
+    try:
+        for batch in loader:
+            ys.append(batch[AtomicDataDict.FORCE_KEY].detach().to(torch.float64))
+            frames.append(batch[AtomicDataDict.BATCH_KEY].detach() + offset)
+            offset += int(batch[AtomicDataDict.NUM_NODES_KEY].shape[0])
+            with torch.enable_grad():
+                out = model(batch)
+            out = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
+            preds.append(predictive(out, dtype=torch.float64))
+            gamma.append(out[AtomicDataDict.FORCE_KEY].to(torch.float64))
+            feats.append(grabbed.pop().to(torch.float64))
+    finally:
+        hook.remove()
+    return {"x": torch.cat(feats), "gamma": torch.cat(gamma), "y": torch.cat(ys), "frame": torch.cat(frames),
+            "pred": type(preds[0]).cat(preds), "irreps": head.irreps_in[head.field]}
+
+
+def target(data: Dict, kind: str) -> torch.Tensor:
+    """What the members fit: the reference forces, or the frozen model's residual y − γ."""
+    return data["y"] if kind == "forces" else data["y"] - data["gamma"]
+
+
+def train_committee(train: Dict, args) -> ForceCommittee:
+    torch.manual_seed(args.seed)
+    y = target(train, args.target)
+    rms = float(y.pow(2).mean().sqrt())
+    com = ForceCommittee(train["irreps"], num_members=args.members, num_channels=args.channels,
+                         mlp_hidden=args.hidden, force_rms=rms, seed=args.seed).to(torch.float64)
+    opt = torch.optim.Adam(com.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps, eta_min=args.lr / 20)
+    for step in range(args.steps):
+        opt.zero_grad()
+        loss = committee_loss(com(train["x"]), y, rms, nll_weight=args.nll_weight).mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
+            print(f"  step {step:5d}  loss {float(loss):.4f}", flush=True)
+    return com
+
+
+def committee_predictive(com: ForceCommittee, data: Dict, c: float, with_head: bool) -> GaussianPredictive:
+    with torch.no_grad():
+        _, cov = committee_covariance(com(data["x"]))
+    ale = data["pred"].covariance_aleatoric if with_head else 1e-8 * torch.eye(3, dtype=cov.dtype).expand_as(cov)
+    return GaussianPredictive(data["gamma"], cov_epistemic=c * cov, cov_aleatoric=ale)
+
+
+def fit_scale(com: ForceCommittee, val: Dict, with_head: bool) -> float:
+    """c minimising the val NLL of N(γ, U_ale + c·C) (bounded search over log c)."""
+    def nll(logc: float) -> float:
+        return float(committee_predictive(com, val, math.exp(logc), with_head).nll(val["y"]).mean())
+
+    return math.exp(minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-6}).x)
+
+
+def main(argv=None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="trained e2ip NequIP checkpoint (best.ckpt)")
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--val", required=True)
+    ap.add_argument("--set", action="append", default=[], help="NAME=FILE evaluated (repeatable)")
+    ap.add_argument("--members", type=int, default=8)
+    ap.add_argument("--channels", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--nll-weight", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target", choices=("forces", "residual"), default="forces",
+                    help="members fit the reference forces (direct force heads) or the frozen model's residual y − γ")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    from nequip_ext.demo import eval_loaders, load_model
+
+    sets = dict(s.split("=", 1) for s in args.set)
+    names = ["train", "val"] + list(sets)
+    files = [args.train, args.val] + list(sets.values())
+    model = load_model(Path(args.model))
+    data = {n: collect(model, dl) for n, dl in zip(names, eval_loaders(Path(args.model), files))}
+    print(f"features {data['train']['irreps']}; atoms: " + ", ".join(f"{n} {len(d['y'])}" for n, d in data.items()))
+    com = train_committee(data["train"], args)
+    scales = {"committee+head": fit_scale(com, data["val"], True), "committee": fit_scale(com, data["val"], False)}
+    print("val-fitted scales: " + ", ".join(f"{k} c={v:.4g}" for k, v in scales.items()))
+    results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for name in ["val"] + list(sets):
+        d = data[name]
+        with torch.no_grad():
+            err = com(d["x"]).mean(1) - target(d, args.target)
+        print(f"{name}: committee-mean RMSE on its target {float(err.pow(2).mean().sqrt()):.4f} "
+              f"(γ's force RMSE {float((d['gamma'] - d['y']).pow(2).mean().sqrt()):.4f})")
+        methods = {"shipped level": d["pred"]}
+        methods.update({k: committee_predictive(com, d, c, k == "committee+head") for k, c in scales.items()})
+        results[name] = {k: UQMetricState().update(p, d["y"], frame=d["frame"]).compute() for k, p in methods.items()}
+    head = f"{'set':10s} {'method':15s}" + "".join(f"{c.replace('forces_', ''):>12s}" for c in COLUMNS)
+    print(head + "\n" + "-" * len(head))
+    for name, res in results.items():
+        for method, m in res.items():
+            print(f"{name:10s} {method:15s}" + "".join(f"{m[c]:12.3f}" for c in COLUMNS))
+    report = {"args": vars(args), "scales": scales, "results": results}
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
