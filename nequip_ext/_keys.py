@@ -19,6 +19,9 @@ ENERGY_NOISE_LENGTH_KEY: Final[str] = "energy_noise_length"  # (N,) ℓ_i, Å
 ENERGY_NOISE_AMPLITUDE_KEY: Final[str] = "energy_noise_amplitude"  # (N,) c_i, eV (A = Σ_i c_i)
 ENERGY_NOISE_AMPLITUDE_GRAD_KEY: Final[str] = "energy_noise_amplitude_grad"  # (N, 3) h = ∂A/∂r_i (training only)
 
+# === in-model force committee (uq_head.committee, e2ip_plugins.force_committee; issue 26, opt-in) ===
+E2IP_COMMITTEE_FORCES_KEY: Final[str] = "e2ip_committee_forces"  # (N, 3M): M members' direct forces, M×1o
+
 # === raw evidence of the e²IP (NIW) head ===
 E2IP_NU_KEY: Final[str] = "e2ip_nu"  # (N,)
 E2IP_KAPPA_KEY: Final[str] = "e2ip_kappa"  # (N,)
@@ -55,6 +58,7 @@ NODE_KEYS: Final[List[str]] = CARTESIAN_KEYS + [
     ENERGY_NOISE_LENGTH_KEY,
     ENERGY_NOISE_AMPLITUDE_KEY,
     ENERGY_NOISE_AMPLITUDE_GRAD_KEY,
+    E2IP_COMMITTEE_FORCES_KEY,
 ]
 # per-frame fields the plugin can emit
 GRAPH_KEYS: Final[List[str]] = [ENERGY_UNCERTAINTY_KEY]

@@ -23,6 +23,8 @@ YAML::
         novelty: {enabled: true, mode: linear, quantile: 0.99}   # e2ip only; fitted by nequip_ext.NoveltyFitCallback
         energy_noise: {enabled: true, mlp_hidden: 16, detach_features: true}   # optional energy-noise head (issue 15, docs/energy_uncertainty.md §10);
                                                         # train it with coeffs.energy_noise: 0.001 of EvidentialEnergyForceLoss
+        committee: {enabled: true, num_members: 8}      # opt-in in-model force committee (issue 26, docs/committee.md);
+                                                        # train it with coeffs.committee of EvidentialEnergyForceLoss
 
 ``force_rms`` default: NequIP has no single "force scale" model argument, but its
 standard configs set ``per_type_energy_scales`` to the training force RMS
@@ -40,12 +42,14 @@ from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
-from .nn import E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule, E2IPHeadModule, E2IPNoveltyModule, EIPHeadModule
+from .nn import (E2IPCommitteeModule, E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule, E2IPHeadModule,
+                 E2IPNoveltyModule, EIPHeadModule)
 
 HEAD_KINDS = {"e2ip": E2IPHeadModule, "eip": EIPHeadModule}
 HEAD_MODULE_NAME = "uq_head"
 NOVELTY_MODULE_NAME = "uq_novelty"
 ENERGY_MODULE_NAME = "uq_energy"
+COMMITTEE_MODULE_NAME = "uq_committee"
 
 
 def _default_force_rms(per_type_energy_scales) -> float:
@@ -84,6 +88,8 @@ def attach_uq_head(
     kind = cfg.pop("kind", "e2ip")
     noise = dict(cfg.pop("energy_noise", None) or {})
     noise_enabled = bool(noise.pop("enabled", bool(noise)))
+    committee = dict(cfg.pop("committee", None) or {})
+    committee_enabled = bool(committee.pop("enabled", bool(committee)))
     if noise_enabled and kind != "e2ip":
         raise ValueError("uq_head.energy_noise needs uq_head.kind: e2ip (its local force block is the e2ip "
                          "head's aleatoric covariance)")
@@ -99,6 +105,10 @@ def attach_uq_head(
     last = convnets[-1]
     head = HEAD_KINDS[kind](irreps_in=seq._modules[last].irreps_in, **cfg)
     seq.insert(HEAD_MODULE_NAME, head, before=last)
+    if committee_enabled:  # issue 26 (opt-in): direct force members on the head's input features
+        committee.setdefault("force_rms", float(cfg.get("force_rms") or _default_force_rms(per_type_energy_scales)))
+        seq.insert(COMMITTEE_MODULE_NAME, E2IPCommitteeModule(irreps_in=seq._modules[last].irreps_in, **committee),
+                   before=last)
     if getattr(head, "novelty_enabled", False):
         opts = {k: v for k, v in dict(cfg.get("novelty") or {}).items() if k != "enabled"}
         nov = E2IPNoveltyModule(irreps_in=seq._modules[last].irreps_out, num_species=cfg["num_species"],

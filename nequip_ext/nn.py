@@ -27,6 +27,7 @@ from e2ip_plugins import EIPHead, EvidentialHead
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
 from e2ip_plugins.energy_noise_head import EnergyNoiseHead
 from e2ip_plugins.energy_uq import EnergyUncertainty
+from e2ip_plugins.force_committee import ForceCommittee
 from e2ip_plugins.level import scale_sigma0
 from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
 
@@ -110,6 +111,32 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
         data[K.E2IP_NOVELTY_KEY] = torch.zeros_like(out["kappa"])
         tot, epi, ale = niw_covariances(out["nu"], out["kappa"], out["sigma0"])
         return _write_covariances(data, tot, epi, ale)
+
+
+class E2IPCommitteeModule(GraphModuleMixin, torch.nn.Module):
+    """M direct force heads (:class:`e2ip_plugins.force_committee.ForceCommittee`) on the node features the
+    e²IP head reads (before the last convnet); writes ``e2ip_committee_forces`` (N, 3M), irreps M×1o.
+    Opt-in (``uq_head.committee.enabled``, issue 26): trained by ``coeffs.committee`` of
+    :func:`nequip_ext.EvidentialEnergyForceLoss`; not yet read by the deployed covariances.
+
+    Args:
+        irreps_in: irreps dict of the preceding module (``field`` must hold 1o features)
+        field: node feature field to read (default ``node_features``)
+        **committee: ``num_members`` (8), ``num_channels`` (8), ``mlp_hidden`` (16), ``force_rms``, ``seed``
+    """
+
+    def __init__(self, irreps_in, field: str = AtomicDataDict.NODE_FEATURES_KEY, **committee):
+        super().__init__()
+        self.field = field
+        members = int(committee.get("num_members", 8))
+        self._init_irreps(irreps_in=irreps_in, required_irreps_in=[field],
+                          irreps_out={K.E2IP_COMMITTEE_FORCES_KEY: f"{members}x1o"})
+        self.committee = ForceCommittee(self.irreps_in[field], **committee)
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        f = self.committee(data[self.field])
+        data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)
+        return data
 
 
 class E2IPNoveltyModule(GraphModuleMixin, torch.nn.Module):

@@ -31,6 +31,7 @@ from nequip.train import EnergyForceLoss, EnergyForceMetrics, MetricsManager
 
 import e2ip_plugins
 from e2ip_plugins.energy_noise_head import coherent_head_loss
+from e2ip_plugins.force_committee import committee_loss
 from e2ip_plugins.metrics import COLUMNS, atom_columns, compute_metrics
 
 from . import _keys as K
@@ -169,6 +170,38 @@ class EnergyNoiseLossMetric(Metric):
         return "energy_noise"
 
 
+class CommitteeLossMetric(Metric):
+    """Mean over atoms of :func:`e2ip_plugins.force_committee.committee_loss` of the in-model committee
+    (``field: null``; the model needs ``uq_head.committee``): members' MSE / σ_F² + the committee's 3×3 NLL.
+    Reaches the members and, through the features they read, the backbone."""
+
+    full_state_update = False
+
+    def __init__(self, force_rms: float = 1.0, nll_weight: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.force_rms, self.nll_weight = float(force_rms), float(nll_weight)
+        self.add_state("sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: AtomicDataDict.Type, target: AtomicDataDict.Type) -> None:
+        if K.E2IP_COMMITTEE_FORCES_KEY not in preds:
+            raise KeyError("coeffs.committee needs the in-model committee: set uq_head.committee.enabled: true "
+                           "in the model (nequip_ext.EvidentialNequIPGNNModel)")
+        f = preds[K.E2IP_COMMITTEE_FORCES_KEY]
+        members = f.reshape(f.shape[0], -1, 3).to(torch.float64)
+        loss = committee_loss(members, target[AtomicDataDict.FORCE_KEY].to(torch.float64), self.force_rms,
+                              nll_weight=self.nll_weight)
+        e2ip_plugins.check_finite(loss, "committee loss")
+        self.sum = self.sum + loss.sum()
+        self.count = self.count + loss.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    def __str__(self) -> str:
+        return "committee"
+
+
 def EvidentialEnergyForceLoss(
     coeffs: Dict[str, float] = {
         AtomicDataDict.TOTAL_ENERGY_KEY: 1.0,
@@ -191,12 +224,18 @@ def EvidentialEnergyForceLoss(
     not traded for variance (DESIGN §2.1); ``detach_mean: true`` stops the evidential gradient into
     the mean forces. ``force_rms`` (σ_F, set it to ``${training_data_stats:forces_rms}``) makes the
     regulariser's residual dimensionless. ``coeffs.energy_noise`` (optional) adds the coherent energy/force
-    NLL of the energy-noise head (:class:`EnergyNoiseLossMetric`; the model needs ``uq_head.energy_noise``).
+    NLL of the energy-noise head (:class:`EnergyNoiseLossMetric`; the model needs ``uq_head.energy_noise``);
+    ``coeffs.committee`` (optional) the in-model committee's loss (:class:`CommitteeLossMetric`; the model needs
+    ``uq_head.committee``).
     """
     coeffs = dict(coeffs)
     noise_coeff = coeffs.pop("energy_noise", None)
     noise = [] if noise_coeff is None else [
         {"name": "energy_noise", "field": None, "coeff": noise_coeff, "metric": EnergyNoiseLossMetric()}]
+    committee_coeff = coeffs.pop("committee", None)
+    if committee_coeff is not None:
+        noise.append({"name": "committee", "field": None, "coeff": committee_coeff,
+                      "metric": CommitteeLossMetric(force_rms=force_rms)})
     ev = {
         "name": "evidential",
         "field": None,

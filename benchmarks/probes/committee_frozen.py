@@ -1,6 +1,9 @@
 """Probe (issue 26): does a force committee on a trained NequIP e²IP model's features follow the error out of
 distribution, where the shipped level does not?
 
+``--from-model`` evaluates instead a model trained with the in-model committee (``uq_head.committee``, the
+committee trained jointly with the backbone), through the same steps 1, 3 and 4.
+
 Members fit the reference forces (``--target forces``: direct force heads, the issue's design) or the frozen
 model's residual y − γ (``--target residual``: a committee of error models around γ).
 
@@ -31,7 +34,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from scipy.optimize import minimize_scalar
@@ -39,6 +42,7 @@ from scipy.optimize import minimize_scalar
 from e2ip_plugins.force_committee import ForceCommittee, committee_covariance, committee_loss
 from e2ip_plugins.metrics import UQMetricState
 from e2ip_plugins.predictive import GaussianPredictive
+from nequip_ext._keys import E2IP_COMMITTEE_FORCES_KEY as COMMITTEE_KEY
 
 COLUMNS = ("forces_rmse", "forces_nll", "forces_coverage_90", "rmv_rmse", "forces_ence", "u_tail", "forces_sharpness",
            "forces_spearman", "forces_auroc", "frame_spearman", "frame_auroc")
@@ -53,7 +57,7 @@ def collect(model, loader) -> Dict[str, torch.Tensor]:
     head = next(m for n, m in model.named_modules() if n.endswith("uq_head"))
     grabbed: List[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda mod, args: grabbed.append(args[0][mod.field].detach().clone()))
-    feats, gamma, ys, frames, preds = [], [], [], [], []
+    feats, gamma, ys, frames, preds, members = [], [], [], [], [], []
     offset = 0
     try:
         for batch in loader:
@@ -66,10 +70,13 @@ def collect(model, loader) -> Dict[str, torch.Tensor]:
             preds.append(predictive(out, dtype=torch.float64))
             gamma.append(out[AtomicDataDict.FORCE_KEY].to(torch.float64))
             feats.append(grabbed.pop().to(torch.float64))
+            if COMMITTEE_KEY in out:  # a model trained with the in-model committee (uq_head.committee)
+                members.append(out[COMMITTEE_KEY].to(torch.float64).reshape(len(ys[-1]), -1, 3))
     finally:
         hook.remove()
     return {"x": torch.cat(feats), "gamma": torch.cat(gamma), "y": torch.cat(ys), "frame": torch.cat(frames),
-            "pred": type(preds[0]).cat(preds), "irreps": head.irreps_in[head.field]}
+            "pred": type(preds[0]).cat(preds), "irreps": head.irreps_in[head.field],
+            "members": torch.cat(members) if members else None}
 
 
 def target(data: Dict, kind: str) -> torch.Tensor:
@@ -96,14 +103,21 @@ def train_committee(train: Dict, args) -> ForceCommittee:
     return com
 
 
-def committee_predictive(com: ForceCommittee, data: Dict, c: float, with_head: bool) -> GaussianPredictive:
+def members_of(com: Optional[ForceCommittee], data: Dict) -> torch.Tensor:
+    """(N, M, 3) member forces: the probe's committee on the frozen features, or the model's own committee."""
+    if com is None:
+        return data["members"]
     with torch.no_grad():
-        _, cov = committee_covariance(com(data["x"]))
+        return com(data["x"])
+
+
+def committee_predictive(com: Optional[ForceCommittee], data: Dict, c: float, with_head: bool) -> GaussianPredictive:
+    _, cov = committee_covariance(members_of(com, data))
     ale = data["pred"].covariance_aleatoric if with_head else 1e-8 * torch.eye(3, dtype=cov.dtype).expand_as(cov)
     return GaussianPredictive(data["gamma"], cov_epistemic=c * cov, cov_aleatoric=ale)
 
 
-def fit_scale(com: ForceCommittee, val: Dict, with_head: bool) -> float:
+def fit_scale(com: Optional[ForceCommittee], val: Dict, with_head: bool) -> float:
     """c minimising the val NLL of N(γ, U_ale + c·C) (bounded search over log c)."""
     def nll(logc: float) -> float:
         return float(committee_predictive(com, val, math.exp(logc), with_head).nll(val["y"]).mean())
@@ -126,6 +140,9 @@ def main(argv=None) -> Dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", choices=("forces", "residual"), default="forces",
                     help="members fit the reference forces (direct force heads) or the frozen model's residual y − γ")
+    ap.add_argument("--from-model", action="store_true",
+                    help="evaluate the model's own committee (trained jointly with uq_head.committee) instead of "
+                         "training one on its frozen features")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -137,14 +154,18 @@ def main(argv=None) -> Dict:
     model = load_model(Path(args.model))
     data = {n: collect(model, dl) for n, dl in zip(names, eval_loaders(Path(args.model), files))}
     print(f"features {data['train']['irreps']}; atoms: " + ", ".join(f"{n} {len(d['y'])}" for n, d in data.items()))
-    com = train_committee(data["train"], args)
+    if args.from_model:
+        if data["train"]["members"] is None:
+            raise SystemExit(f"{args.model} has no in-model committee (train it with uq_head.committee.enabled: true)")
+        com = None
+    else:
+        com = train_committee(data["train"], args)
     scales = {"committee+head": fit_scale(com, data["val"], True), "committee": fit_scale(com, data["val"], False)}
     print("val-fitted scales: " + ", ".join(f"{k} c={v:.4g}" for k, v in scales.items()))
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for name in ["val"] + list(sets):
         d = data[name]
-        with torch.no_grad():
-            err = com(d["x"]).mean(1) - target(d, args.target)
+        err = members_of(com, d).mean(1) - target(d, "forces" if com is None else args.target)
         print(f"{name}: committee-mean RMSE on its target {float(err.pow(2).mean().sqrt()):.4f} "
               f"(γ's force RMSE {float((d['gamma'] - d['y']).pow(2).mean().sqrt()):.4f})")
         methods = {"shipped level": d["pred"]}

@@ -1,0 +1,63 @@
+"""The opt-in in-model force committee on NequIP (``uq_head.committee``, issue 26): members rotate with the
+structure, the loss term is the core's and reaches the backbone, a missing committee is named."""
+
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+import nequip_ext
+import nequip_ext._keys as K
+from nequip.data import AtomicDataDict, compute_neighborlist_
+
+from e2ip_plugins.force_committee import committee_loss
+
+from .test_energy_uq import CFG, _graphs
+
+M = 4
+HEAD = {"kind": "e2ip", "num_channels": 4, "mlp_hidden": 8, "committee": {"enabled": True, "num_members": M,
+                                                                            "num_channels": 4}}
+
+
+def _model():
+    return nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head=HEAD)
+
+
+def test_members_rotate_with_the_structure():
+    m = _model()
+    m.eval()
+    g = _graphs(1)[0]
+    f = m(dict(g))[K.E2IP_COMMITTEE_FORCES_KEY].detach()
+    assert f.shape == (g[AtomicDataDict.POSITIONS_KEY].shape[0], 3 * M)
+    f = f.reshape(-1, M, 3)
+    assert (f[:, 1] - f[:, 0]).abs().max() > 1e-6  # members differ
+    rot = torch.as_tensor(Rotation.random(random_state=2).as_matrix(), dtype=torch.float64)
+    gr = dict(g)
+    gr[AtomicDataDict.POSITIONS_KEY] = g[AtomicDataDict.POSITIONS_KEY] @ rot.T
+    fr = m(compute_neighborlist_(gr, r_max=4.0))[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, M, 3)
+    torch.testing.assert_close(fr, f @ rot.T, rtol=1e-7, atol=1e-10)
+
+
+def test_loss_term_is_the_core_loss_and_reaches_the_backbone():
+    from nequip_ext.train import CommitteeLossMetric
+
+    m = _model()
+    m.train()
+    batch = AtomicDataDict.batched_from_list(_graphs(2))
+    pred = m(dict(batch))
+    got = CommitteeLossMetric(force_rms=0.5)(pred, batch)
+    members = pred[K.E2IP_COMMITTEE_FORCES_KEY].reshape(-1, M, 3)
+    torch.testing.assert_close(got, committee_loss(members, batch[AtomicDataDict.FORCE_KEY], 0.5).mean())
+    got.backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "uq_committee" in n)
+    # the committee's force loss shapes the features it reads: the convnets before it get gradient
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "convnet" in n)
+
+
+def test_missing_committee_is_named():
+    from nequip_ext.train import CommitteeLossMetric
+
+    plain = nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head={"kind": "e2ip", "num_channels": 4})
+    batch = AtomicDataDict.batched_from_list(_graphs(1))
+    with pytest.raises(KeyError, match="uq_head.committee.enabled"):
+        CommitteeLossMetric()(plain(dict(batch)), batch)
