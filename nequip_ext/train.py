@@ -78,14 +78,37 @@ def predictive(data: AtomicDataDict.Type, q: float = 0.5, dtype: Optional[torch.
     return e2ip_plugins.eip_predictive(forces, head_out(data, dtype), q=q)
 
 
-class EvidentialForceLossMetric(Metric):
+class _MeanLossMetric(Metric):
+    """Mean over the loss entries of every update (float64 sum / count states, summed across DDP ranks);
+    subclasses compute a per-atom or per-structure loss in ``update`` and pass it to :meth:`_accumulate`."""
+
+    full_state_update = False
+    loss_name = "loss"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _accumulate(self, loss: torch.Tensor) -> None:
+        self.sum = self.sum + loss.sum()
+        self.count = self.count + loss.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    def __str__(self) -> str:
+        return self.loss_name
+
+
+class EvidentialForceLossMetric(_MeanLossMetric):
     """Mean over atoms of the evidential force loss (``field: null`` metric).
 
     e2ip: NLL_StudentT + λ(ν+κ)r² (:func:`e2ip_plugins.evidential_force_loss`);
     eip: seed-002 NLL + λ·Reg (:func:`e2ip_plugins.eip_loss`).
     """
 
-    full_state_update = False
+    loss_name = "evidential"
 
     def __init__(
         self,
@@ -102,8 +125,6 @@ class EvidentialForceLossMetric(Metric):
         self.residual_metric = residual_metric
         self.detach_mean = bool(detach_mean)
         self.eip_q = float(eip_q)
-        self.add_state("sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, preds: AtomicDataDict.Type, target: AtomicDataDict.Type) -> None:
         # evaluate in float64 like NequIP's own metrics (gradients flow through the cast)
@@ -123,27 +144,16 @@ class EvidentialForceLossMetric(Metric):
             mean = forces.detach() if self.detach_mean else forces
             loss = e2ip_plugins.eip_loss(ref, mean, head_out(preds, torch.float64), q=self.eip_q, reg_weight=self.reg_weight)
             e2ip_plugins.check_finite(loss, "eip force loss")
-        self.sum = self.sum + loss.sum()
-        self.count = self.count + loss.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.sum / self.count
-
-    def __str__(self) -> str:
-        return "evidential"
+        self._accumulate(loss)
 
 
-class EnergyNoiseLossMetric(Metric):
+
+class EnergyNoiseLossMetric(_MeanLossMetric):
     """Coherent energy/force NLL of the energy-noise head per structure / (1 + 3N), mean over structures
     (``field: null``; :func:`e2ip_plugins.energy_noise_head.coherent_head_loss`; docs/energy_uncertainty.md §10).
     Residuals and U_ale are detached, so only ℓ_i, c_i and the features under them are trained."""
 
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    loss_name = "energy_noise"
 
     def update(self, preds: AtomicDataDict.Type, target: AtomicDataDict.Type) -> None:
         if K.ENERGY_NOISE_LENGTH_KEY not in preds:
@@ -160,28 +170,20 @@ class EnergyNoiseLossMetric(Metric):
                                   preds[K.ENERGY_NOISE_LENGTH_KEY].to(f64), preds[K.ENERGY_NOISE_AMPLITUDE_KEY].to(f64),
                                   batch, num, None if h is None else h.to(f64))
         e2ip_plugins.check_finite(loss, "energy-noise loss")
-        self.sum = self.sum + loss.sum()
-        self.count = self.count + loss.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.sum / self.count
-
-    def __str__(self) -> str:
-        return "energy_noise"
+        self._accumulate(loss)
 
 
-class CommitteeLossMetric(Metric):
+
+class CommitteeLossMetric(_MeanLossMetric):
     """Mean over atoms of :func:`e2ip_plugins.force_committee.committee_loss` of the in-model committee
     (``field: null``; the model needs ``uq_head.committee``): members' MSE / σ_F² + the committee's 3×3 NLL.
     Reaches the members and, through the features they read, the backbone."""
 
-    full_state_update = False
+    loss_name = "committee"
 
     def __init__(self, force_rms: float = 1.0, nll_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.force_rms, self.nll_weight = float(force_rms), float(nll_weight)
-        self.add_state("sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, preds: AtomicDataDict.Type, target: AtomicDataDict.Type) -> None:
         if K.E2IP_COMMITTEE_FORCES_KEY not in preds:
@@ -192,14 +194,8 @@ class CommitteeLossMetric(Metric):
         loss = committee_loss(members, target[AtomicDataDict.FORCE_KEY].to(torch.float64), self.force_rms,
                               nll_weight=self.nll_weight)
         e2ip_plugins.check_finite(loss, "committee loss")
-        self.sum = self.sum + loss.sum()
-        self.count = self.count + loss.numel()
+        self._accumulate(loss)
 
-    def compute(self) -> torch.Tensor:
-        return self.sum / self.count
-
-    def __str__(self) -> str:
-        return "committee"
 
 
 def EvidentialEnergyForceLoss(
@@ -230,11 +226,11 @@ def EvidentialEnergyForceLoss(
     """
     coeffs = dict(coeffs)
     noise_coeff = coeffs.pop("energy_noise", None)
-    noise = [] if noise_coeff is None else [
+    extra = [] if noise_coeff is None else [
         {"name": "energy_noise", "field": None, "coeff": noise_coeff, "metric": EnergyNoiseLossMetric()}]
     committee_coeff = coeffs.pop("committee", None)
     if committee_coeff is not None:
-        noise.append({"name": "committee", "field": None, "coeff": committee_coeff,
+        extra.append({"name": "committee", "field": None, "coeff": committee_coeff,
                       "metric": CommitteeLossMetric(force_rms=force_rms)})
     ev = {
         "name": "evidential",
@@ -252,7 +248,7 @@ def EvidentialEnergyForceLoss(
         coeffs=coeffs,
         per_atom_energy=per_atom_energy,
         type_names=type_names,
-        extra_metrics=[ev] + noise + list(extra_metrics or []),
+        extra_metrics=[ev] + extra + list(extra_metrics or []),
     )
 
 

@@ -111,16 +111,17 @@ def members_of(com: Optional[ForceCommittee], data: Dict) -> torch.Tensor:
         return com(data["x"])
 
 
-def committee_predictive(com: Optional[ForceCommittee], data: Dict, c: float, with_head: bool) -> GaussianPredictive:
-    _, cov = committee_covariance(members_of(com, data))
+def committee_predictive(data: Dict, c: float, with_head: bool) -> GaussianPredictive:
+    """N(γ, U_ale + c·C) (``with_head``) or N(γ, c·C); C = ``data["C"]``, the committee covariance."""
+    cov = data["C"]
     ale = data["pred"].covariance_aleatoric if with_head else 1e-8 * torch.eye(3, dtype=cov.dtype).expand_as(cov)
     return GaussianPredictive(data["gamma"], cov_epistemic=c * cov, cov_aleatoric=ale)
 
 
-def fit_scale(com: Optional[ForceCommittee], val: Dict, with_head: bool) -> float:
+def fit_scale(val: Dict, with_head: bool) -> float:
     """c minimising the val NLL of N(γ, U_ale + c·C) (bounded search over log c)."""
     def nll(logc: float) -> float:
-        return float(committee_predictive(com, val, math.exp(logc), with_head).nll(val["y"]).mean())
+        return float(committee_predictive(val, math.exp(logc), with_head).nll(val["y"]).mean())
 
     return math.exp(minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-6}).x)
 
@@ -160,16 +161,19 @@ def main(argv=None) -> Dict:
         com = None
     else:
         com = train_committee(data["train"], args)
-    scales = {"committee+head": fit_scale(com, data["val"], True), "committee": fit_scale(com, data["val"], False)}
+    for name in ["val"] + list(sets):  # members and their covariance once per set
+        data[name]["F"] = members_of(com, data[name])
+        data[name]["C"] = committee_covariance(data[name]["F"])[1]
+    scales = {"committee+head": fit_scale(data["val"], True), "committee": fit_scale(data["val"], False)}
     print("val-fitted scales: " + ", ".join(f"{k} c={v:.4g}" for k, v in scales.items()))
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for name in ["val"] + list(sets):
         d = data[name]
-        err = members_of(com, d).mean(1) - target(d, "forces" if com is None else args.target)
+        err = d["F"].mean(1) - target(d, "forces" if com is None else args.target)
         print(f"{name}: committee-mean RMSE on its target {float(err.pow(2).mean().sqrt()):.4f} "
               f"(γ's force RMSE {float((d['gamma'] - d['y']).pow(2).mean().sqrt()):.4f})")
         methods = {"shipped level": d["pred"]}
-        methods.update({k: committee_predictive(com, d, c, k == "committee+head") for k, c in scales.items()})
+        methods.update({k: committee_predictive(d, c, k == "committee+head") for k, c in scales.items()})
         results[name] = {k: UQMetricState().update(p, d["y"], frame=d["frame"]).compute() for k, p in methods.items()}
     head = f"{'set':10s} {'method':15s}" + "".join(f"{c.replace('forces_', ''):>12s}" for c in COLUMNS)
     print(head + "\n" + "-" * len(head))

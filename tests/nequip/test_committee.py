@@ -7,11 +7,11 @@ from scipy.spatial.transform import Rotation
 
 import nequip_ext
 import nequip_ext._keys as K
-from nequip.data import AtomicDataDict, compute_neighborlist_
+from nequip.data import AtomicDataDict
 
 from e2ip_plugins.force_committee import committee_loss
 
-from .test_energy_uq import CFG, _graphs
+from .test_energy_uq import CFG, _graphs, _rotated
 
 M = 4
 HEAD = {"kind": "e2ip", "num_channels": 4, "mlp_hidden": 8, "committee": {"enabled": True, "num_members": M,
@@ -31,9 +31,7 @@ def test_members_rotate_with_the_structure():
     f = f.reshape(-1, M, 3)
     assert (f[:, 1] - f[:, 0]).abs().max() > 1e-6  # members differ
     rot = torch.as_tensor(Rotation.random(random_state=2).as_matrix(), dtype=torch.float64)
-    gr = dict(g)
-    gr[AtomicDataDict.POSITIONS_KEY] = g[AtomicDataDict.POSITIONS_KEY] @ rot.T
-    fr = m(compute_neighborlist_(gr, r_max=4.0))[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, M, 3)
+    fr = m(_rotated(g, rot))[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, M, 3)
     torch.testing.assert_close(fr, f @ rot.T, rtol=1e-7, atol=1e-10)
 
 

@@ -20,7 +20,7 @@ from nequip.data import AtomicDataDict
 from e2ip_plugins.energy_noise_head import coherent_head_loss
 
 from ._cli_helpers import DATA, data, nequip_train
-from .test_energy_uq import CFG, _graphs
+from .test_energy_uq import CFG, _graphs, _rotated
 
 HEAD = {"kind": "e2ip", "num_channels": 4, "mlp_hidden": 8, "energy_noise": {"enabled": True, "mlp_hidden": 6}}
 
@@ -77,13 +77,8 @@ def test_training_forward_writes_amplitude_gradient():
             fd = (_amplitude(m, g, pos0 + dp) - _amplitude(m, g, pos0 - dp)) / (2 * eps)
             assert float(h[i, a]) == pytest.approx(float(fd.detach()), rel=1e-5, abs=1e-9)
     rot = torch.as_tensor(Rotation.random(random_state=4).as_matrix(), dtype=pos0.dtype)
-    gr = dict(g)
-    gr[AtomicDataDict.POSITIONS_KEY] = pos0 @ rot.T
-    from nequip.data import compute_neighborlist_
-
-    gr = compute_neighborlist_(gr, r_max=4.0)
     m.train()
-    hr = m(gr)[K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY].detach()
+    hr = m(_rotated(g, rot))[K.ENERGY_NOISE_AMPLITUDE_GRAD_KEY].detach()
     torch.testing.assert_close(hr, h @ rot.T, rtol=1e-7, atol=1e-10)
 
 

@@ -25,6 +25,13 @@ def _graphs(n=3, energy=True):
             for a in ase.io.read(DATA / "iso7_val.xyz", f":{n}")]
 
 
+def _rotated(g, rot):
+    """The graph ``g`` with positions rotated by ``rot`` (3, 3) and its neighbour list rebuilt."""
+    gr = dict(g)
+    gr[AtomicDataDict.POSITIONS_KEY] = g[AtomicDataDict.POSITIONS_KEY] @ rot.T
+    return compute_neighborlist_(gr, r_max=4.0)
+
+
 def _model(kind="e2ip"):
     return nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head={"kind": kind, "num_channels": 4, "mlp_hidden": 8})
 
