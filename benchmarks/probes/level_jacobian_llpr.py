@@ -39,47 +39,18 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
+from ..common.llpr_features import mace_jacobians
 from .level_candidates import SETS, _cat, _columns_mace, print_sets
-
-
-def _features_hooks(model):
-    feats = []
-
-    def lin_hook(mod, inp, out):
-        feats.append(inp[0][:, : mod._e2ip_n0])
-
-    def act_hook(mod, inp, out):
-        feats.append(out)
-
-    hooks = []
-    for ro in model.readouts:
-        if hasattr(ro, "non_linearity"):
-            hooks.append(ro.non_linearity.register_forward_hook(act_hook))
-        else:
-            from e3nn import o3
-
-            ro._e2ip_n0 = sum(mul for mul, ir in o3.Irreps(str(ro.linear.irreps_in)) if ir.l == 0)
-            hooks.append(ro.register_forward_hook(lin_hook))
-    return feats, hooks
 
 
 def jacobians(model, loader):
     """Per atom G_j (N, P, 3) over a loader (one structure per batch), and the time per structure."""
-    feats, hooks = _features_hooks(model)
-    out, times = [], []
+    gs, times = [], []
     for batch in loader:
-        data = batch.to_dict()
-        feats.clear()
         t0 = time.perf_counter()
-        model(data, training=False, compute_force=False)
-        phi = torch.cat(feats, dim=1).sum(0)  # Φ (P,)
-        pos = data["positions"]
-        g = torch.stack([torch.autograd.grad(phi[p], pos, retain_graph=p < len(phi) - 1)[0] for p in range(len(phi))], 1)
+        gs.append(mace_jacobians(model, [batch]))
         times.append(time.perf_counter() - t0)
-        out.append(g.detach().to(torch.float64))
-    for h in hooks:
-        h.remove()
-    return torch.cat(out), float(np.median(times))
+    return torch.cat(gs), float(np.median(times))
 
 
 def main(argv=None):
