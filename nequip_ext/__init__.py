@@ -10,6 +10,8 @@ attribute access (so ``torch.package`` and ``import nequip`` stay light), e.g. f
     model:
       _target_: nequip_ext.EvidentialNequIPGNNModel
       uq_head: {kind: e2ip, num_channels: 16}
+    # or the head on a model you already have (docs/attach.md):
+    # model: {_target_: nequip_ext.AttachedE2IPModel, package_path: /abs/plain.nequip.zip, uq_head: {...}}
     loss:
       _target_: nequip_ext.EvidentialEnergyForceLoss
     val_metrics:
@@ -49,6 +51,7 @@ _register_deployment()
 
 _LAZY = {
     "EvidentialNequIPGNNModel": "nequip_ext.model",
+    "AttachedE2IPModel": "nequip_ext.attach",
     "E2IPHeadModule": "nequip_ext.nn",
     "EIPHeadModule": "nequip_ext.nn",
     "EvidentialEnergyForceLoss": "nequip_ext.train",

@@ -83,7 +83,9 @@ def attach_uq_head(
     model: ForceStressOutput, uq_head: Dict[str, Any], per_type_energy_scales=None, num_species: int = 1
 ) -> ForceStressOutput:
     """Insert the head before the last convnet of a (raw, unwrapped) NequIP energy model; returns a new
-    ``ForceStressOutput`` around the modified energy model (so its ``irreps_out`` include the head fields)."""
+    ``ForceStressOutput`` around the modified energy model (so its ``irreps_out`` include the head fields).
+    Classes are matched by name and the wrapper is rebuilt with ``type(model)``, so a model loaded from a
+    ``nequip-package`` file (its classes come from the package's own ``nequip``) works too."""
     cfg = dict(uq_head)
     kind = cfg.pop("kind", "e2ip")
     noise = dict(cfg.pop("energy_noise", None) or {})
@@ -96,7 +98,7 @@ def attach_uq_head(
     if kind == "e2ip" and cfg.get("force_rms", None) is None:
         cfg["force_rms"] = _default_force_rms(per_type_energy_scales)
     cfg.setdefault("num_species", int(num_species))
-    if not isinstance(model, ForceStressOutput) or not isinstance(model.func, SequentialGraphNetwork):
+    if not _is_energy_model(model):
         raise TypeError(f"expected ForceStressOutput(SequentialGraphNetwork), got {type(model).__name__}")
     seq = model.func
     convnets = [n for n in seq._modules if n.startswith("layer") and n.endswith("_convnet")]
@@ -120,7 +122,14 @@ def attach_uq_head(
     else:
         energy = E2IPEnergyUncertaintyModule(irreps_in=seq.irreps_out)
     seq.append(ENERGY_MODULE_NAME, energy)
-    return ForceStressOutput(seq, do_derivatives=model.do_derivatives)
+    return type(model)(seq, do_derivatives=model.do_derivatives)
+
+
+def _is_energy_model(model) -> bool:
+    """``ForceStressOutput(SequentialGraphNetwork)``, from this environment's ``nequip`` or a package's."""
+    func = getattr(model, "func", None)
+    return (type(model).__name__ == ForceStressOutput.__name__
+            and type(func).__name__ == SequentialGraphNetwork.__name__ and hasattr(func, "insert"))
 
 
 @model_builder

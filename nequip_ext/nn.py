@@ -41,6 +41,12 @@ _COV_OUT = {
 }
 
 
+def _input(x: torch.Tensor, detach: bool) -> torch.Tensor:
+    """The features a module reads, cut from the graph when ``detach`` (``detach_input`` in training: a frozen
+    backbone, :mod:`nequip_ext.attach`, gets no backward pass from the head's loss; inference keeps ∂/∂r)."""
+    return x.detach() if detach else x
+
+
 def _write_covariances(
     data: AtomicDataDict.Type, tot: torch.Tensor, epi: torch.Tensor, ale: torch.Tensor
 ) -> AtomicDataDict.Type:
@@ -69,11 +75,13 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
     """
 
     novelty_enabled: bool
+    detach_input: bool
 
     def __init__(self, irreps_in, field: str = AtomicDataDict.NODE_FEATURES_KEY, num_species: int = 1,
                  novelty: Optional[dict] = None, **head_kwargs):
         super().__init__()
         self.field = field
+        self.detach_input = False
         self.novelty_enabled = bool(dict(novelty or {}).get("enabled", True))
         self._init_irreps(
             irreps_in=irreps_in,
@@ -99,14 +107,15 @@ class E2IPHeadModule(GraphModuleMixin, torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        out = self.head(data[self.field])
+        x = _input(data[self.field], self.training and self.detach_input)
+        out = self.head(x)
         data[K.E2IP_NU_KEY] = out["nu"]
         data[K.E2IP_KAPPA_KEY] = out["kappa"]
         data[K.E2IP_SIGMA0_KEY] = out["sigma0"]
         data[K.E2IP_SIGMA0_INV_KEY] = out["sigma0_inv"]
         data[K.E2IP_SIGMA0_LOGDET_KEY] = out["sigma0_logdet"]
         if self.novelty_enabled:
-            data[K.E2IP_HEAD_INVARIANTS_KEY] = self.invariants(data[self.field])
+            data[K.E2IP_HEAD_INVARIANTS_KEY] = self.invariants(x)
             return data  # E2IPNoveltyModule writes e2ip_novelty, κ and the covariances
         data[K.E2IP_NOVELTY_KEY] = torch.zeros_like(out["kappa"])
         tot, epi, ale = niw_covariances(out["nu"], out["kappa"], out["sigma0"])
@@ -125,16 +134,19 @@ class E2IPCommitteeModule(GraphModuleMixin, torch.nn.Module):
         **committee: ``num_members`` (8), ``num_channels`` (8), ``mlp_hidden`` (16), ``force_rms``, ``seed``
     """
 
+    detach_input: bool
+
     def __init__(self, irreps_in, field: str = AtomicDataDict.NODE_FEATURES_KEY, **committee):
         super().__init__()
         self.field = field
+        self.detach_input = False
         members = int(committee.get("num_members", 8))
         self._init_irreps(irreps_in=irreps_in, required_irreps_in=[field],
                           irreps_out={K.E2IP_COMMITTEE_FORCES_KEY: f"{members}x1o"})
         self.committee = ForceCommittee(self.irreps_in[field], **committee)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        f = self.committee(data[self.field])
+        f = self.committee(_input(data[self.field], self.training and self.detach_input))
         data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)
         return data
 
@@ -159,10 +171,13 @@ class E2IPNoveltyModule(GraphModuleMixin, torch.nn.Module):
             :class:`e2ip_plugins.novelty.NoveltyEvidence`
     """
 
+    detach_input: bool
+
     def __init__(self, irreps_in, num_species: int, head_invariants: int,
                  field: str = AtomicDataDict.NODE_FEATURES_KEY, **novelty):
         super().__init__()
         self.field = field
+        self.detach_input = False
         self._init_irreps(
             irreps_in=irreps_in,
             required_irreps_in=[field, K.E2IP_HEAD_INVARIANTS_KEY],
@@ -174,7 +189,8 @@ class E2IPNoveltyModule(GraphModuleMixin, torch.nn.Module):
 
     def novelty_features(self, data: AtomicDataDict.Type):
         """(invariant features (N, D), atom types (N,)) that the novelty score reads."""
-        feats = torch.cat([data[K.E2IP_HEAD_INVARIANTS_KEY], self.invariants(data[self.field])], dim=1)
+        x = _input(data[self.field], self.training and self.detach_input)
+        feats = torch.cat([data[K.E2IP_HEAD_INVARIANTS_KEY], self.invariants(x)], dim=1)
         return feats, data[AtomicDataDict.ATOM_TYPE_KEY]
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
@@ -274,6 +290,7 @@ class EIPHeadModule(GraphModuleMixin, torch.nn.Module):
     """
 
     q: float
+    detach_input: bool
 
     def __init__(
         self,
@@ -287,6 +304,7 @@ class EIPHeadModule(GraphModuleMixin, torch.nn.Module):
     ):
         super().__init__()
         self.field = field
+        self.detach_input = False
         self.q = float(q)
         self._init_irreps(
             irreps_in=irreps_in,
@@ -296,7 +314,7 @@ class EIPHeadModule(GraphModuleMixin, torch.nn.Module):
         self.head = EIPHead(self.irreps_in[field], **head_kwargs)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        out = self.head(data[self.field])
+        out = self.head(_input(data[self.field], self.training and self.detach_input))
         tot, epi, ale = eip_covariances(out["eip_nu"], out["eip_alpha"], out["eip_beta"], self.q)
         data[K.EIP_NU_KEY] = out["eip_nu"]
         data[K.EIP_ALPHA_KEY] = out["eip_alpha"]

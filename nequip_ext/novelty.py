@@ -60,10 +60,10 @@ def has_noise_head(module: torch.nn.Module) -> bool:
 
 
 def _layers_before_head(model: torch.nn.Module) -> List[torch.nn.Module]:
-    from nequip.nn import SequentialGraphNetwork
-
+    # the SequentialGraphNetwork holding the novelty module (matched by its child, not its class: a backbone
+    # loaded from a package has the package's own nequip classes, nequip_ext.attach)
     for mod in model.modules():
-        if isinstance(mod, SequentialGraphNetwork) and NOVELTY_MODULE_NAME in mod._modules:
+        if NOVELTY_MODULE_NAME in mod._modules:
             names = list(mod._modules)
             return [mod._modules[n] for n in names[: names.index(NOVELTY_MODULE_NAME)]]
     raise ValueError(f"no SequentialGraphNetwork with a {NOVELTY_MODULE_NAME} module found in the model")

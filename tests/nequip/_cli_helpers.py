@@ -30,10 +30,11 @@ def data(split: str) -> str:
     return str(DATA / f"iso7_{split}.xyz")
 
 
-def nequip_train(run_dir: pathlib.Path, *overrides: str, config: str = "e2ip", timeout: int = 400) -> subprocess.CompletedProcess:
-    """Run ``nequip-train -cp <abs configs/nequip> -cn <config> hydra.run.dir=<run_dir> <overrides>``; assert success."""
+def nequip_train(run_dir: pathlib.Path, *overrides: str, config: str = "e2ip", timeout: int = 400,
+                 config_dir: pathlib.Path = CONFIG_DIR) -> subprocess.CompletedProcess:
+    """Run ``nequip-train -cp <abs config_dir> -cn <config> hydra.run.dir=<run_dir> <overrides>``; assert success."""
     exe = pathlib.Path(sys.executable).parent / "nequip-train"
-    cmd = [str(exe), "-cp", str(CONFIG_DIR), "-cn", config, f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [str(exe), "-cp", str(config_dir), "-cn", config, f"hydra.run.dir={run_dir}", *overrides]
     env = {
         **os.environ,
         "WANDB_MODE": "offline",
