@@ -76,20 +76,43 @@ def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device
     return True
 
 
-def _loader(path: str, model, batch_size: int, forces_key: str = "REF_forces", energy_key: str = "REF_energy"):
+def read_frames(path: str, model, forces_key: str = "REF_forces") -> list:
+    """The extxyz frames of ``path``, checked: each carries ``forces_key`` and only elements the model knows."""
     import ase.io
+    from ase.data import chemical_symbols
+
+    try:
+        frames = ase.io.read(path, ":")
+    except Exception as exc:  # pylint: disable=broad-except
+        raise SystemExit(f"{path}: cannot be read as extxyz structures ({type(exc).__name__}: {exc})") from exc
+    missing = [i for i, a in enumerate(frames) if forces_key not in a.arrays]
+    if missing:
+        raise SystemExit(f"{path}: frames {missing[:5]} lack the reference forces array '{forces_key}'; "
+                         "name the file's forces array with --forces_key")
+    known = {int(z) for z in model.atomic_numbers}
+    unknown = sorted({int(z) for a in frames for z in a.numbers} - known)
+    if unknown:
+        raise SystemExit(
+            f"{path}: element(s) {', '.join(chemical_symbols[z] for z in unknown)} are not among the model's "
+            f"elements ({', '.join(chemical_symbols[z] for z in sorted(known))}); the model has no embedding for "
+            "them: drop those structures, or use a model trained with them")
+    return frames
+
+
+def frames_loader(frames, model, batch_size: int, forces_key: str = "REF_forces", energy_key: str = "REF_energy"):
+    """A MACE data loader (unshuffled, the model's z-table and cutoff) over ASE frames."""
     from mace import data
     from mace.tools import torch_geometric, utils
 
     z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
     keys = data.KeySpecification(info_keys={"energy": energy_key}, arrays_keys={"forces": forces_key})
-    frames = ase.io.read(path, ":")
-    missing = [i for i, a in enumerate(frames) if forces_key not in a.arrays]
-    if missing:
-        raise SystemExit(f"{path}: frames {missing[:5]} lack the reference forces '{forces_key}' (--forces_key)")
     configs = [data.config_from_atoms(a, key_specification=keys) for a in frames]
     items = [data.AtomicData.from_config(c, z_table=z_table, cutoff=float(model.r_max)) for c in configs]
     return torch_geometric.dataloader.DataLoader(items, batch_size=batch_size, shuffle=False)
+
+
+def _loader(path: str, model, batch_size: int, forces_key: str = "REF_forces", energy_key: str = "REF_energy"):
+    return frames_loader(read_frames(path, model, forces_key), model, batch_size, forces_key, energy_key)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -4,7 +4,7 @@ parser extended with them, and the start-up check of the backbone the head must 
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import Iterable, Optional
 
 import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)
 from e2ip_plugins._e3nn import o3
@@ -32,8 +32,20 @@ def _str2bool(value) -> bool:
     raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
 
 
-def add_e2ip_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    group = parser.add_argument_group("e2ip evidential force uncertainty")
+class _Only:  # pylint: disable=too-few-public-methods
+    """An argument group that adds only the options named in ``names`` (all when None)."""
+
+    def __init__(self, group, names: Optional[Iterable[str]]):
+        self.group, self.names = group, None if names is None else set(names)
+
+    def add_argument(self, flag: str, **kwargs) -> None:
+        if self.names is None or flag.lstrip("-") in self.names:
+            self.group.add_argument(flag, **kwargs)
+
+
+def add_e2ip_arguments(parser: argparse.ArgumentParser, only: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
+    """Add the ``--e2ip_*`` options (only those named in ``only``, e.g. ``("e2ip_reg",)``, when given)."""
+    group = _Only(parser.add_argument_group("e2ip evidential force uncertainty"), only)
     group.add_argument("--e2ip_head", choices=HEAD_TYPES, default=DEFAULTS["e2ip_head"],
                        help="e2ip: equivariant NIW head (full 3x3 covariance); eip: per-component eIP baseline")
     group.add_argument("--e2ip_weight", type=float, default=DEFAULTS["e2ip_weight"],

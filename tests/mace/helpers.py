@@ -16,7 +16,8 @@ DATA = REPO / "e2ip_plugins" / "data"
 Z = [1, 6, 8]
 
 
-def tiny_mace(max_L: int = 1, num_interactions: int = 2, channels: int = 8, scale_shift: bool = True, r_max: float = 4.0):
+def tiny_mace(max_L: int = 1, num_interactions: int = 2, channels: int = 8, scale_shift: bool = True, r_max: float = 4.0,
+              z=tuple(Z)):
     hidden = o3.Irreps((channels * o3.Irreps.spherical_harmonics(max_L)).sort().irreps.simplify())
     cfg = dict(
         r_max=r_max,
@@ -26,12 +27,12 @@ def tiny_mace(max_L: int = 1, num_interactions: int = 2, channels: int = 8, scal
         interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
         interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
         num_interactions=num_interactions,
-        num_elements=len(Z),
+        num_elements=len(z),
         hidden_irreps=hidden,
         MLP_irreps=o3.Irreps("4x0e"),
-        atomic_energies=np.zeros(len(Z)),
+        atomic_energies=np.zeros(len(z)),
         avg_num_neighbors=8.0,
-        atomic_numbers=Z,
+        atomic_numbers=list(z),
         correlation=2,
         gate=torch.nn.functional.silu,
     )
