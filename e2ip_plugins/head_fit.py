@@ -34,7 +34,9 @@ from .losses import evidential_force_loss, evidential_predictive
 def replayable_script():
     """TorchScript's profiling executor specialises scripted code (e3nn's layers, in the head and the backbones)
     on the calls a process has made, with or without grad, and its graphs move results by an ulp with that
-    history; the simple executor without graph optimisation gives the same numbers in every process."""
+    history; the simple executor without graph optimisation gives the same numbers on every call. A scripted
+    function keeps the executor of its first call in a process, so this holds where that call ran under this
+    context (a fresh process per run, as on the command line); after earlier calls outside it, an ulp may differ."""
     old = torch._C._jit_set_profiling_executor(False)  # pylint: disable=protected-access
     try:
         with torch.jit.optimized_execution(False):

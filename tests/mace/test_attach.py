@@ -139,8 +139,9 @@ def test_covariance_spd_rotates_and_compiled_agrees(attached, plain, f64):
 
 
 def test_resume_equals_uninterrupted(attached, plain, tmp_path):
-    """2 epochs, then --restart_latest to 4: the head of the uninterrupted 4-epoch run, bit for bit (in one
-    process here; fresh processes per run give the same, measured in docs/attach.md)."""
+    """2 epochs, then --restart_latest to 4: the head of the uninterrupted 4-epoch run, bit for bit. In one
+    process here, whose first attach call set TorchScript's executors (fresh processes per run give the same,
+    docs/attach.md; a subprocess against this process, which trained the model first, differs by an ulp)."""
     out = tmp_path / "resumed"
     _main(_argv(plain, out, epochs=2))
     assert (out / "out.model").exists() and (out / "out_compiled.model").exists()
