@@ -62,7 +62,7 @@ def _check_model_file(package_path: Optional[str], path: str) -> None:
                              "best.ckpt out.nequip.zip`; the name must end in .nequip.zip); for a .ckpt use checkpoint_path")
         return
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: no second full read
         ok = "_target_" in ckpt["hyper_parameters"]["info_dict"]["training_module"]
     except Exception as err:  # anything torch.load or the lookup raises means: not a nequip-train checkpoint
         raise ValueError(f"checkpoint_path {path!r} is not a nequip-train checkpoint (.ckpt with the training_module "
@@ -88,7 +88,7 @@ def check_backbone(graph_model, source: str = "the model") -> None:
     if not _is_energy_model(energy):
         raise ValueError(f"{source}: expected a NequIP GraphModel around ForceStressOutput(SequentialGraphNetwork) "
                          f"(e.g. nequip.model.NequIPGNNModel), got {type(energy).__name__} inside "
-                         f"{type(graph_model).__name__}; " + _SCALAR_MSG.split(":")[0] + " if it is an Allegro model")
+                         f"{type(graph_model).__name__}")
     seq = energy.func
     present = [n for n in UQ_MODULE_NAMES if n in seq._modules]
     if present:

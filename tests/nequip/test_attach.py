@@ -91,6 +91,8 @@ def test_nequip_api_pinned():
     m = NequIPGNNModel(**CFG)
     assert isinstance(m, GraphModel) and isinstance(m.model, ForceStressOutput)
     assert isinstance(m.model.func, SequentialGraphNetwork) and hasattr(m.model, "do_derivatives")
+    assert list(inspect.signature(ForceStressOutput).parameters)[:2] == ["func", "do_derivatives"]
+    assert m.type_names == CFG["type_names"] and m.model_dtype == torch.float64
     assert [n for n in m.model.func._modules if n.endswith("_convnet")] == ["layer0_convnet", "layer1_convnet"]
     assert "per_type_energy_scale_shift" in m.model.func._modules
 
@@ -257,6 +259,10 @@ def test_bad_inputs(runs, tmp_path, monkeypatch):
 
 def test_data_check_names_the_fix():
     """The config's first data transform stops on species without a model type and frames without forces."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "nequip" / "attach_e2ip.yaml").read_text())
+    assert cfg["data"]["transforms"][0]["_target_"] == "nequip_ext.attach.AttachDataCheck"
     check = nequip_ext.attach.AttachDataCheck(["C", "H", "O"])
     g = _graphs(1)[0]
     assert check(dict(g)) is not None
