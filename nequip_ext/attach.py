@@ -24,6 +24,7 @@ Energies and forces are the backbone's, bit for bit: the head only reads the fea
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from typing import Any, Dict, List, Optional
 
@@ -59,7 +60,8 @@ def _check_model_file(package_path: Optional[str], path: str) -> None:
                 ok = any(n.endswith("model/package_metadata.txt") for n in zf.namelist())
         if not ok:
             raise ValueError(f"package_path {path!r} is not a NequIP package (make one with `nequip-package build "
-                             "best.ckpt out.nequip.zip`; the name must end in .nequip.zip); for a .ckpt use checkpoint_path")
+                             "best.ckpt out.nequip.zip`; the name must end in .nequip.zip); for a .ckpt use "
+                             "checkpoint_path")
         return
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: no second full read
@@ -71,9 +73,29 @@ def _check_model_file(package_path: Optional[str], path: str) -> None:
         raise ValueError(f"checkpoint_path {path!r} is not a nequip-train checkpoint")
 
 
+def package_version_mismatch(path: str) -> Dict[str, tuple]:
+    """``{library: (in the package, here)}`` for ``nequip`` / ``e3nn`` versions that differ. ``nequip-package build``
+    of an attach checkpoint re-exports the backbone's classes from the package's own sources next to the head's
+    (NequIP's route for ``ModelFromPackage`` models), so both versions end up in one package."""
+    from nequip.model.saved_models.package import _get_package_metadata
+    from nequip.utils.versions import get_current_code_versions
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        packaged = _get_package_metadata(torch.package.PackageImporter(path)).get("versions", {})
+    here = get_current_code_versions(verbose=False)
+    return {k: (packaged[k], here[k]) for k in ("nequip", "e3nn")
+            if k in packaged and k in here and packaged[k] != here[k]}
+
+
 def _load(package_path: Optional[str], path: str, compile_mode: str):
     from nequip.model import ModelFromCheckpoint, ModelFromPackage
 
+    mismatch = package_version_mismatch(path) if package_path else {}
+    if mismatch:
+        warnings.warn(f"{path} was packaged with other versions {mismatch} (package, here): training works, but "
+                      "`nequip-package build` of the attach checkpoint mixes both versions; if it fails, install the "
+                      "package's versions or attach to a nequip-train checkpoint of the backbone (checkpoint_path)")
     models = (ModelFromPackage if package_path else ModelFromCheckpoint)(path, compile_mode=compile_mode)
     if not isinstance(models, torch.nn.ModuleDict):
         return models

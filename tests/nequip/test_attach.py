@@ -1,9 +1,10 @@
 """The e²IP head on a NequIP model the user already has (issue 27): ``nequip_ext.AttachedE2IPModel``.
 
-One module-scoped pipeline through the real CLIs: a tiny PLAIN NequIP model (``benchmarks/configs/nequip_plain.yaml``,
-float64, 1 epoch on ``iso7_val.xyz``) → ``nequip-package build`` → ``nequip-train -cn attach_e2ip`` (the shipped config,
-frozen backbone, 2 epochs) → ``nequip-package build`` of the attach checkpoint. The rest runs in-process.
-``nequip-compile --target e2ip_ase`` of the attach package (AOTInductor, 1-2 min) is opt-in: ``E2IP_SLOW_TESTS=1``.
+One module-scoped pipeline through the real CLIs: a tiny PLAIN NequIP model
+(``benchmarks/configs/nequip_plain.yaml``, float64, 1 epoch on ``iso7_val.xyz``) → ``nequip-package build`` →
+``nequip-train -cn attach_e2ip`` (the shipped config, frozen backbone, 2 epochs) → ``nequip-package build`` of the
+attach checkpoint; the rest runs in-process. ``nequip-compile --target e2ip_ase`` of the attach package (AOTInductor,
+1.5-2.5 min) is opt-in: ``E2IP_SLOW_TESTS=1``.
 """
 
 import os
@@ -42,7 +43,7 @@ def _package(ckpt: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{"plain_ckpt", "plain_pkg", "ckpt" (attach best.ckpt), "pkg" (its package), "dir"}; tests must not modify them."""
+    """{"plain_ckpt", "plain_pkg", "ckpt" (attach best.ckpt), "pkg" (its package), "dir"}; not to be modified."""
     d = tmp_path_factory.mktemp("attach")
     val = str(DATA / "iso7_val.xyz")
     nequip_train(d / "plain", "run=[train]", "max_epochs=1", f"train_file={val}", f"val_file={val}",
@@ -77,7 +78,7 @@ def test_nequip_api_pinned():
     import inspect
 
     from nequip.model import ModelFromCheckpoint, ModelFromPackage, NequIPGNNModel
-    from nequip.model.saved_models.package import _get_shared_importer
+    from nequip.model.saved_models.package import _get_package_metadata, _get_shared_importer
     from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
     from nequip.train.lightning import _SOLE_MODEL_KEY, NequIPLightningModule
     from nequip.utils.resolvers import _DEFAULT_RESOLVERS
@@ -85,7 +86,7 @@ def test_nequip_api_pinned():
     assert list(inspect.signature(ModelFromPackage).parameters) == ["package_path", "compile_mode"]
     assert list(inspect.signature(ModelFromCheckpoint).parameters) == ["checkpoint_path", "compile_mode"]
     assert {"type_names_from_package", "cutoff_radius_from_package"} <= set(_DEFAULT_RESOLVERS)
-    assert _SOLE_MODEL_KEY == "sole_model" and callable(_get_shared_importer)
+    assert _SOLE_MODEL_KEY == "sole_model" and callable(_get_shared_importer) and callable(_get_package_metadata)
     assert {"before", "after"} <= set(inspect.signature(SequentialGraphNetwork.insert).parameters)
     assert "get_method" in inspect.getsource(NequIPLightningModule._build_model)  # builder called with the YAML kwargs
     m = NequIPGNNModel(**CFG)
@@ -100,7 +101,8 @@ def test_nequip_api_pinned():
 @pytest.mark.parametrize("route", ["package", "checkpoint"])
 def test_attached_equals_original_exactly(runs, route):
     """Float64 eager: energies and forces of the attached model are the plain model's to the last bit; frozen."""
-    src = {"package_path": str(runs["plain_pkg"])} if route == "package" else {"checkpoint_path": str(runs["plain_ckpt"])}
+    src = ({"package_path": str(runs["plain_pkg"])} if route == "package"
+           else {"checkpoint_path": str(runs["plain_ckpt"])})
     model = nequip_ext.AttachedE2IPModel(**src, uq_head={"num_channels": 4, "mlp_hidden": 8}, seed=3,
                                          type_names=["C", "H", "O"])
     orig = _load(runs["plain_pkg"] if route == "package" else runs["plain_ckpt"])
@@ -157,6 +159,7 @@ def test_package_self_contained_and_calibrated(runs):
 
     from nequip_ext import E2IPNequIPCalculator
 
+    assert nequip_ext.attach.package_version_mismatch(str(runs["plain_pkg"])) == {}  # same nequip / e3nn here
     sd = load_ckpt(runs["ckpt"])["state_dict"]
     calib = [v for k, v in sd.items() if k.endswith("uq_novelty.novelty.novelty_calib")]
     ref = [v for k, v in sd.items() if k.endswith("uq_novelty.novelty.novelty_ref")]
@@ -275,7 +278,7 @@ def test_data_check_names_the_fix():
         check({k: v for k, v in g.items() if k != AtomicDataDict.FORCE_KEY})
 
 
-@pytest.mark.skipif(not SLOW, reason="AOTInductor compile takes 1-2 min on CPU; set E2IP_SLOW_TESTS=1")
+@pytest.mark.skipif(not SLOW, reason="AOTInductor compile takes 1.5-2.5 min on CPU; set E2IP_SLOW_TESTS=1")
 def test_compiled_e2ip_ase(runs):
     """``nequip-compile --target e2ip_ase`` of the attach package; the compiled calculator matches the eager one."""
     from nequip_ext import E2IPNequIPCalculator
