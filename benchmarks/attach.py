@@ -56,9 +56,10 @@ def _scores(preds, manifest, frames, kind: str) -> Dict[str, Dict[str, float]]:
 def run_backbone(args) -> Path:
     import torch
 
-    from .common.attach_methods import (attach_artifact, attach_cmd, jacobians, llpr_predictions, unchanged)
+    from .common.attach_methods import (ATTACH_EPOCHS, attach_artifact, attach_cmd, jacobians, llpr_predictions,
+                                         unchanged)
     from .common.backends import make_backend
-    from .common.evaluation import frame_index, predict_sets, read_sets
+    from .common.evaluation import frame_index, isotropic, predict_sets, read_sets
     from .common.profiles import get_profile
     from .common.training import train_all
 
@@ -102,7 +103,11 @@ def run_backbone(args) -> Path:
             info_path.write_text(json.dumps(res))
         res = json.loads(info_path.read_text())
         results["cost"][f"seed{s}"] = {"plain_train_cpu_s": plain["cpu_s"], "attach_cpu_s": res["cpu_s"],
-                                       "attach_over_plain": res["cpu_s"] / plain["cpu_s"]}
+                                       "attach_over_plain": res["cpu_s"] / plain["cpu_s"],
+                                       "plain_epoch_s": plain["timing"]["epoch_s"], "plain_epochs": settings["epochs"],
+                                       "attach_epochs": ATTACH_EPOCHS[args.backbone],
+                                       "attach_epoch_s": backend.epoch_timing(run_dir, name, s, 0).get("epoch_s")
+                                       if args.backbone == "nequip" else None}
         results["unchanged"][f"seed{s}"] = unchanged(backend, plain["artifact"], str(art), sets["test"])
         t0 = time.perf_counter()
         plain_preds = predict_sets(backend, backend.load("plain", [plain["artifact"]], "cpu"), sets, fk)
@@ -120,6 +125,8 @@ def run_backbone(args) -> Path:
         log(f"{args.backbone}: seed {s} scored in {time.perf_counter() - t0:.0f} s")
     members = [by_name[f"plain_s{s0 + j}"]["artifact"] for j in range(prof["ensemble_size"])]
     ens = predict_sets(backend, backend.load("ensemble", members, "cpu"), sets, fk)
+    # the issue-26 baseline: (tr/3)·I of the members' sample covariance, one val scale (evaluation.isotropic)
+    ens = {name: (y, mean, isotropic(pred)) for name, (y, mean, pred) in ens.items()}
     results["methods"]["ensemble"] = {"all": {"deployed": _scores(ens, manifest, frames, "recal"),
                                               "recal": _scores(ens, manifest, frames, "recal")}}
     path = out / f"results_{args.backbone}.json"
