@@ -207,11 +207,16 @@ def test_console_script_exits_nonzero_with_message(plain, tmp_path):
     assert not out.exists()
 
 
-def test_foundation_finetune_with_head(plain, tmp_path, f64):
-    """mace_run_train_e2ip --foundation_model <local .model> --E0s foundation: MACE turns multi-head
-    fine-tuning off by itself for a local model without --pt_train_file; the run ends with both files."""
-    proc, work = _train(tmp_path, "--foundation_model", str(plain["model"]), "--E0s", "foundation", epochs=1)
+@pytest.mark.parametrize("replay", [False, True], ids=["single_head", "multihead_replay"])
+def test_foundation_finetune_with_head(plain, tmp_path, f64, replay):
+    """mace_run_train_e2ip --foundation_model <local .model> --E0s foundation: without --pt_train_file MACE turns
+    multi-head fine-tuning off by itself for a local model; with it (replay of the foundation's data as MACE's
+    ``pt_head``) the model gets both heads. Either run ends with both files carrying the covariance."""
+    extra = ["--multiheads_finetuning", "True", "--pt_train_file", str(plain["train"])] if replay else []
+    proc, work = _train(tmp_path, "--foundation_model", str(plain["model"]), "--E0s", "foundation", *extra, epochs=1)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert ("Using multiheads finetuning mode" in proc.stdout + proc.stderr) == replay
+    assert ("pt_head" in torch.load(work / "iso7_e2ip.model", weights_only=False).heads) == replay
     for name in ("iso7_e2ip.model", "iso7_e2ip_compiled.model"):
         model = torch.load(work / name, weights_only=False) if "compiled" not in name else \
             torch.jit.load(str(work / name))
