@@ -7,8 +7,8 @@ Takes a MACE or ScaleShiftMACE ``.model`` (e.g. a fine-tuned foundation model) a
 and ``DIR/NAME_compiled.model`` with the same energies and forces plus every output of
 ``mace_run_train_e2ip`` models (``forces_covariance``, ``forces_uncertainty``, ``energy_uncertainty``, ...):
 
-1. start-up checks, before anything is written (the file is an eager plain MACE/ScaleShiftMACE model whose
-   node features carry l > 0; every element of the data files is in its z-table; every frame has the forces);
+1. start-up checks, before anything is written (the file is an eager plain MACE/ScaleShiftMACE model; every
+   element of the data files is in its z-table; every frame has the forces);
 2. :func:`mace_ext.model.attach_e2ip_head` with σ_F = RMS of the training reference forces
    (:func:`mace_ext.force_scale.training_force_rms`, or ``--e2ip_force_rms``); every backbone parameter frozen;
 3. one backbone pass over the training and validation structures caches each atom's mean forces γ and the
@@ -20,6 +20,10 @@ and ``DIR/NAME_compiled.model`` with the same energies and forces plus every out
 4. novelty buffers, stored calibration [c, β] and energy length ℓ, as after a training
    (:func:`mace_ext.fit_novelty.fit_novelty`);
 5. ``torch.save`` of the model and ``e3nn.util.jit.compile`` of a copy, as MACE's run does.
+
+Scalar-only backbones (``max_L 0``) or ``--e2ip_geometric``: the head reads the geometric construction on the
+last block's scalars (:mod:`mace_ext.geometric`, issue 28). Its edge-weight MLP keeps its seeded initialisation
+(a fixed random invariant weighting: the head-only fit trains on cached features); the head learns on top of it.
 
 Why not MACE's ``run()`` (as ``mace_run_train_e2ip --foundation_model`` does, which also trains the backbone):
 with a foundation model ``run()`` rebuilds it as a new ScaleShiftMACE from its config, re-estimates E0s,
@@ -43,14 +47,13 @@ import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imp
 from e2ip_plugins.head_fit import CachedAtoms, HeadFit, replayable_script
 from mace.modules.models import MACE, ScaleShiftMACE
 
-from .errors import E2IPConfigError
 from .fit_novelty import fit_novelty, frames_loader, read_frames
 from .force_scale import training_force_rms
-from .model import E2IPMixin, attach_e2ip_head, head_feature_slice
+from .model import E2IPMixin, attach_e2ip_head
 from .train_options import add_e2ip_arguments
 
 HEAD_OPTIONS = ("e2ip_channels", "e2ip_mlp", "e2ip_reg", "e2ip_residual_metric", "e2ip_force_rms", "e2ip_novelty",
-                "e2ip_novelty_mode", "e2ip_novelty_power", "e2ip_novelty_quantile")
+                "e2ip_novelty_mode", "e2ip_novelty_power", "e2ip_novelty_quantile", "e2ip_geometric")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,11 +96,6 @@ def load_plain_model(path: str, device: str) -> torch.nn.Module:
     if type(model) not in (MACE, ScaleShiftMACE):
         raise SystemExit(f"--model {path}: a {type(model).__name__}, not a MACE model; mace_attach_e2ip takes "
                          "MACE or ScaleShiftMACE .model files")
-    try:
-        head_feature_slice(model)
-    except E2IPConfigError as exc:
-        raise SystemExit(f"--model {path}: {exc} A trained backbone cannot be changed here, and a head for "
-                         "scalar-only backbones (max_L = 0) is not yet supported (issue 28).") from exc
     return model
 
 
@@ -112,7 +110,7 @@ def cache_backbone(model, loader, device) -> CachedAtoms:
         for batch in loader:
             data = batch.to(device).to_dict()
             out = model._e2ip_backbone_forward(data, False, True, False, False, False, False, False, False, False)
-            feats = out["node_feats"][:, model.e2ip_feat_start:model.e2ip_feat_stop]
+            feats = model.e2ip_head_input(data, out["node_feats"])
             parts.append(CachedAtoms(feats.detach(), out["forces"].detach(), data["forces"], data["ptr"]))
     return CachedAtoms.cat(parts)
 
@@ -133,6 +131,7 @@ def attach(args) -> Dict[str, Any]:
         model, head="e2ip", force_rms=sigma_f, num_channels=args.e2ip_channels, mlp_hidden=args.e2ip_mlp,
         novelty={"enabled": args.e2ip_novelty, "mode": args.e2ip_novelty_mode, "power": args.e2ip_novelty_power,
                  "quantile": args.e2ip_novelty_quantile},
+        geometric=args.e2ip_geometric,
     )
     head_params = {id(p) for p in model.e2ip_head.parameters()}
     for p in model.parameters():

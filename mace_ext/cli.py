@@ -15,6 +15,7 @@ Accepts every ``mace_run_train`` flag and YAML key (same ``--config`` file), plu
 ``--e2ip_energy_noise_weight W``      weight of its coherent energy/force NLL term (default 0.001)
 ``--e2ip_energy_noise_hidden H``      hidden width of its MLP (default 16)
 ``--e2ip_energy_noise_detach B``      the head reads detached invariants: its term leaves the backbone alone (default True)
+``--e2ip_geometric``                  head reads l = 1, 2 features built from the edges (issue 28; automatic for ``--max_L 0``)
 ====================================  =====================================================
 
 It then delegates to ``mace.cli.run_train.run(args)``, so MACE's data loading, EMA,

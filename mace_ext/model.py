@@ -8,6 +8,8 @@ forward unchanged, reads the node features of the last product block whose outpu
 still carries l > 0 (the penultimate block in a standard MACE, whose last block is
 scalar-only) from MACE's ``node_feats`` output, and adds the keys listed in
 :mod:`mace_ext.outputs` (covariances, evidence, novelty ratio, ``energy_uncertainty``).
+Scalar-only backbones (``--max_L 0``; or ``geometric=True``): the head reads l = 1, 2 features built
+from the edges and the last block's scalars instead (:mod:`mace_ext.geometric`, issue 28).
 
 ``energy_uncertainty`` (issue 15, :mod:`e2ip_plugins.energy_uq`) is derived from the force covariance
 under the assumption of docs/energy_uncertainty.md §4 (independent per-atom energy-noise processes, one
@@ -48,6 +50,7 @@ from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
 from mace.modules.models import MACE, ScaleShiftMACE
 
 from .errors import E2IPConfigError, MACEHookError, installed_mace_version
+from .geometric import NoGeometricFeatures, build_geometric, edge_geometry
 from .outputs import (  # noqa: F401  (re-exported: imported from here by tests and users)
     ATOM_LEVEL_KEYS,
     COVARIANCE_KEYS,
@@ -135,7 +138,7 @@ class E2IPMixin:
         )
         node_feats = out["node_feats"]
         assert node_feats is not None
-        head_out = self.e2ip_head(node_feats[:, self.e2ip_feat_start : self.e2ip_feat_stop])
+        head_out = self.e2ip_head(self.e2ip_head_input(data, node_feats))
         invariants: Optional[torch.Tensor] = None  # read by the novelty score and the energy-noise head
         if self.e2ip_head_type == "e2ip":
             kappa = head_out["kappa"]
@@ -181,6 +184,14 @@ class E2IPMixin:
             out["energy_uncertainty"] = self.e2ip_energy_uq(cov, data["batch"], num_graphs)
         return out
 
+    def e2ip_head_input(self, data: Dict[str, torch.Tensor], node_feats: torch.Tensor) -> torch.Tensor:
+        """The head's input: the l > 0 block's features, or [h, v, t] of the geometric construction (issue 28)."""
+        feats = node_feats[:, self.e2ip_feat_start : self.e2ip_feat_stop]
+        if self.e2ip_geometric_enabled:
+            center, neighbor, vectors = edge_geometry(data)
+            feats = self.e2ip_geometric(feats, center, neighbor, vectors)
+        return feats
+
     def __setstate__(self, state):
         """Unpickling a ``.model`` saved before issue 15: add the energy module with the default ℓ (warning)."""
         torch.nn.Module.__setstate__(self, state)
@@ -191,6 +202,9 @@ class E2IPMixin:
         if "e2ip_energy_noise" not in self._modules:  # saved before the energy-noise head option existed
             self.e2ip_energy_noise = NoEnergyNoiseHead()
             self.e2ip_energy_noise_enabled = False
+        if "e2ip_geometric" not in self._modules:  # saved before issue 28: the head reads l > 0 features
+            self.e2ip_geometric = NoGeometricFeatures()
+            self.e2ip_geometric_enabled = False
 
     def e2ip_config(self) -> Dict[str, Any]:
         return {
@@ -201,6 +215,7 @@ class E2IPMixin:
             "irreps": self.e2ip_irreps,
             "force_rms": float(self.e2ip_force_rms),
             "energy_noise": bool(self.e2ip_energy_noise_enabled),
+            "geometric": bool(self.e2ip_geometric_enabled),
         }
 
 
@@ -244,6 +259,7 @@ def attach_e2ip_head(
     quantile: float = 0.5,
     novelty: Optional[Dict[str, Any]] = None,
     energy_noise: Optional[Dict[str, Any]] = None,
+    geometric: bool = False,
     **head_kwargs: Any,
 ) -> torch.nn.Module:
     """Attach an ``e2ip`` (EvidentialHead) or ``eip`` (EIPHead) head to a MACE model, in place.
@@ -253,7 +269,9 @@ def attach_e2ip_head(
     ``{enabled: True, power: 10.0, quantile: 0.99, jitter: 1e-6}`` (e2ip head only). Returns the
     same object, now an :class:`E2IPMACE` or :class:`E2IPScaleShiftMACE`. ``energy_noise``:
     ``{enabled: True, hidden: 16}`` adds the energy-noise head (e2ip head only; issue 15, reads the
-    invariants of every product block, :mod:`e2ip_plugins.energy_noise_head`).
+    invariants of every product block, :mod:`e2ip_plugins.energy_noise_head`). ``geometric``: the head reads
+    the geometric construction on the last block's scalars (:mod:`mace_ext.geometric`, issue 28); used
+    whatever the flag when no product block carries l > 0 (``--max_L 0``).
     """
     if head not in HEAD_TYPES:
         raise E2IPConfigError(f"e2ip head must be one of {HEAD_TYPES}, got {head!r}")
@@ -266,7 +284,17 @@ def attach_e2ip_head(
             f"--model ScaleShiftMACE), got {base.__name__}."
         )
     check_forward_signature()
-    idx, irreps, start, stop = head_feature_slice(model)
+    try:
+        idx, irreps, start, stop = head_feature_slice(model)
+    except E2IPConfigError:
+        geometric = True  # scalar-only backbone: no l > 0 block to read
+    geo_module: torch.nn.Module = NoGeometricFeatures()
+    if geometric:
+        try:
+            geo_module, idx, start, stop = build_geometric(model)
+        except ValueError as exc:
+            raise E2IPConfigError(str(exc)) from exc
+        irreps = geo_module.irreps_out
     try:
         if head == "e2ip":
             module = EvidentialHead(
@@ -293,6 +321,7 @@ def attach_e2ip_head(
         novelty_module = novelty_module.to(device=ref.device, dtype=ref.dtype)
         energy_module = energy_module.to(device=ref.device, dtype=ref.dtype)
         noise_module = noise_module.to(device=ref.device, dtype=ref.dtype)
+        geo_module = geo_module.to(device=ref.device, dtype=ref.dtype)
     except StopIteration:  # pragma: no cover
         pass
     model.__class__ = _SUBCLASS[base]
@@ -310,9 +339,14 @@ def attach_e2ip_head(
     model.e2ip_energy_uq = energy_module
     model.e2ip_energy_noise = noise_module
     model.e2ip_energy_noise_enabled = noise_enabled
+    model.e2ip_geometric = geo_module
+    model.e2ip_geometric_enabled = bool(geometric)
+    source = f"the geometric construction on the scalars of product block {idx}" if geometric else \
+        f"product block {idx}"
     logging.info(
-        f"e2ip: attached '{head}' head reading product block {idx} ({irreps}), sigma_F = {force_rms:.4g} eV/A, "
-        f"{sum(p.numel() for p in module.parameters())} head parameters"
+        f"e2ip: attached '{head}' head reading {source} ({irreps}), sigma_F = {force_rms:.4g} eV/A, "
+        f"{sum(p.numel() for p in module.parameters()) + sum(p.numel() for p in geo_module.parameters())} head "
+        "parameters"
     )
     return model
 

@@ -4,6 +4,7 @@ parser extended with them, and the start-up check of the backbone the head must 
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Iterable, Optional
 
 import e2ip_plugins  # noqa: F401  (allow-lists e3nn's constants before mace imports e3nn)
@@ -18,7 +19,7 @@ DEFAULTS = dict(
     e2ip_channels=16, e2ip_mlp=32, e2ip_quantile=0.5, e2ip_force_rms=None,
     e2ip_novelty=True, e2ip_novelty_mode="linear", e2ip_novelty_power=10.0, e2ip_novelty_quantile=0.99,
     e2ip_energy_noise=False, e2ip_energy_noise_weight=0.001, e2ip_energy_noise_hidden=16,
-    e2ip_energy_noise_detach=True,
+    e2ip_energy_noise_detach=True, e2ip_geometric=False,
 )
 
 
@@ -92,6 +93,10 @@ def add_e2ip_arguments(parser: argparse.ArgumentParser, only: Optional[Iterable[
                        default=DEFAULTS["e2ip_energy_noise_detach"],
                        help="the head reads detached invariants, so its loss term trains the head only and leaves "
                             "the backbone (force/energy MAE) untouched (default True; False trains through it)")
+    group.add_argument("--e2ip_geometric", type=_str2bool, nargs="?", const=True, default=DEFAULTS["e2ip_geometric"],
+                       help="the head reads l = 1, 2 features built from the edges and the last product block's "
+                            "scalars (issue 28, docs/scalar_backbones.md) instead of the backbone's l > 0 features; "
+                            "always on for scalar-only backbones (--max_L 0)")
     return parser
 
 
@@ -136,15 +141,11 @@ def check_e2ip_args(args) -> None:
         )
     if getattr(args, "foundation_model", None) is not None:
         return  # the foundation model fixes the backbone; attach_e2ip_head checks it
-    if args.num_interactions < 2:
-        raise E2IPConfigError(
-            f"The e2ip head needs --num_interactions >= 2 (got {args.num_interactions}): MACE makes the last "
-            "interaction's node features scalar-only (0e), and the head reads the last block that still "
-            "carries l > 0 features to build an equivariant 3x3 covariance."
-        )
     irreps = _hidden_irreps(args)
-    if irreps is not None and not any(ir.l > 0 for _, ir in irreps):
-        raise E2IPConfigError(
-            f"The e2ip head needs hidden irreps with l > 0, got '{irreps}'. Use --max_L 1 or 2 "
-            "(e.g. --num_channels 32 --max_L 1) or --hidden_irreps '32x0e + 32x1o'."
+    scalar = args.num_interactions < 2 or (irreps is not None and not any(ir.l > 0 for _, ir in irreps))
+    if scalar and not args.e2ip_geometric:
+        logging.info(
+            f"e2ip: no product block will carry l > 0 features (hidden irreps '{irreps}', num_interactions "
+            f"{args.num_interactions}; MACE makes the last block scalar-only): the head reads the geometric "
+            "construction on the last block's scalars (issue 28, docs/scalar_backbones.md)"
         )

@@ -81,6 +81,7 @@ class E2IPRun:
                 energy_noise={"enabled": a.e2ip_energy_noise, "hidden": a.e2ip_energy_noise_hidden,
                               "detach_features": a.e2ip_energy_noise_detach}
                 if a.e2ip_energy_noise else None,
+                geometric=bool(getattr(a, "e2ip_geometric", False)),
             )
             self.model = model
             self.train_loader = train_loader
@@ -119,13 +120,13 @@ class E2IPRun:
             if head is None:
                 raise E2IPConfigError("e2ip: the model reaching the optimizer has no e2ip head")
             seen = {id(p) for g in groups for p in g["params"]}
-            extra = getattr(model, "e2ip_energy_noise", None)
-            head_params = [p for m in (head, extra) if m is not None for p in m.parameters() if id(p) not in seen]
+            extra = [getattr(model, n, None) for n in ("e2ip_energy_noise", "e2ip_geometric")]
+            head_params = [p for m in (head, *extra) if m is not None for p in m.parameters() if id(p) not in seen]
             if head_params:
                 groups.append({"name": "e2ip_head", "params": head_params, "weight_decay": 0.0, "lr": args.lr})
                 seen.update(id(p) for p in head_params)
             missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
-            if any(n.startswith(("e2ip_head.", "e2ip_energy_noise.")) for n in missing):
+            if any(n.startswith(("e2ip_head.", "e2ip_energy_noise.", "e2ip_geometric.")) for n in missing):
                 raise E2IPConfigError(f"e2ip: head parameters missing from the optimizer: {missing}")
             if missing:
                 logging.warning(f"e2ip: trainable parameters in no optimizer group (MACE's choice): {missing}")

@@ -158,8 +158,6 @@ def _bad_model(tmp, case):
     torch.manual_seed(0)
     if case == "not_a_model":
         path.write_text("energy 1.0\n")
-    elif case == "scalar_backbone":
-        torch.save(tiny_mace(max_L=0), path)
     elif case == "not_mace":
         torch.save(torch.nn.Linear(2, 2), path)
     elif case == "already_e2ip":
@@ -171,7 +169,6 @@ def _bad_model(tmp, case):
 
 BAD_INPUTS = [
     ("not_a_model", "not a torch-loadable MACE model"),
-    ("scalar_backbone", "not yet supported (issue 28)"),
     ("not_mace", "a Linear, not a MACE model; mace_attach_e2ip takes MACE or ScaleShiftMACE"),
     ("already_e2ip", "already carries an e2ip head"),
     ("missing_species", "element(s) O are not among the model's elements (H, C)"),
@@ -195,6 +192,22 @@ def test_bad_inputs_exit_before_writing(plain, tmp_path, case, message, f64):
     if case in ("missing_species", "no_forces"):
         assert str(bad["train"] if case == "no_forces" else plain["train"]) in exc.value.code
     assert not out.exists()
+
+
+def test_scalar_backbone_attaches(plain, tmp_path, f64):
+    """A max_L 0 backbone (issue 28): the head reads the geometric construction; energies and forces unchanged."""
+    torch.manual_seed(0)
+    torch.save(tiny_mace(max_L=0), tmp_path / "l0.model")
+    scalar = {**plain, "model": tmp_path / "l0.model"}
+    out = tmp_path / "out"
+    _main(_argv(scalar, out, epochs=2))
+    original = torch.load(scalar["model"], weights_only=False)
+    model = torch.load(out / "out.model", weights_only=False)
+    assert model.e2ip_config()["geometric"] and (out / "out_compiled.model").exists()
+    for ref, got in zip(_outputs(original, plain["valid"]), _outputs(model, plain["valid"])):
+        assert float((got["energy"] - ref["energy"]).abs().max()) == 0.0
+        assert float((got["forces"] - ref["forces"]).abs().max()) == 0.0
+        assert (torch.linalg.eigvalsh(got["forces_covariance"].detach()) > 0).all()
 
 
 def test_console_script_exits_nonzero_with_message(plain, tmp_path):

@@ -198,20 +198,6 @@ def test_novelty_fitted_and_raises_u_on_stretched_bond(trained, f64):
     assert float(ref["forces_uncertainty"][h]) > 2.0 * float(u0.max())
 
 
-def test_cli_rejects_one_interaction(tmp_path):
-    cmd = [str(SCRIPT), "--config", "configs/mace/e2ip.yaml", "--num_interactions", "1", "--work_dir", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "num_interactions >= 2" in proc.stderr
-    assert not (tmp_path / "checkpoints").exists()
-
-
-def test_cli_rejects_scalar_backbone(tmp_path):
-    cmd = [str(SCRIPT), "--config", "configs/mace/e2ip.yaml", "--max_L", "0", "--work_dir", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "l > 0" in proc.stderr
-
-
 def test_cli_stage_two_restart_and_wandb_offline(tmp_path):
     """Stage two keeps the evidential loss; --restart_latest resumes; UQ metrics reach W&B (offline)."""
     wandb = pytest.importorskip("wandb")

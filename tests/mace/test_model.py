@@ -50,11 +50,14 @@ def test_plain_mace_supported(f64):
     assert out["forces_covariance"].shape == (19, 3, 3)
 
 
-def test_one_interaction_is_rejected(f64):
-    with pytest.raises(E2IPConfigError, match="num_interactions 2"):
-        attach_e2ip_head(tiny_mace(1, num_interactions=1))
+@pytest.mark.parametrize("max_L, num_interactions", [(1, 1), (0, 2)], ids=["one_interaction", "scalar"])
+def test_no_l_gt_0_block_uses_geometric_features(f64, max_L, num_interactions):
+    """No product block with l > 0 (issue 28): the head reads the geometric construction on the last block."""
+    model = attach_e2ip_head(tiny_mace(max_L, num_interactions=num_interactions), num_channels=4, mlp_hidden=8)
+    assert model.e2ip_config()["geometric"] and model.e2ip_feature_block == num_interactions - 1
+    assert model(_batch(first_molecule()))["forces_covariance"].shape == (19, 3, 3)
 
 
-def test_scalar_backbone_is_rejected(f64):
-    with pytest.raises(E2IPConfigError, match="l > 0"):
-        attach_e2ip_head(tiny_mace(0, num_interactions=2))
+def test_unknown_head_is_rejected(f64):
+    with pytest.raises(E2IPConfigError, match="must be one of"):
+        attach_e2ip_head(tiny_mace(1), head="nope")
