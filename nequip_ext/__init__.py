@@ -12,6 +12,7 @@ attribute access (so ``torch.package`` and ``import nequip`` stay light), e.g. f
       uq_head: {kind: e2ip, num_channels: 16}
     # or the head on a model you already have (docs/attach.md):
     # model: {_target_: nequip_ext.AttachedE2IPModel, package_path: /abs/plain.nequip.zip, uq_head: {...}}
+    # scalar backbones (issue 28): l_max: 0 works as is; Allegro: {_target_: nequip_ext.EvidentialAllegroModel, ...}
     loss:
       _target_: nequip_ext.EvidentialEnergyForceLoss
     val_metrics:
@@ -52,6 +53,8 @@ _register_deployment()
 _LAZY = {
     "EvidentialNequIPGNNModel": "nequip_ext.model",
     "AttachedE2IPModel": "nequip_ext.attach",
+    "EvidentialAllegroModel": "nequip_ext.allegro",
+    "E2IPGeometricModule": "nequip_ext.geometric",
     "E2IPHeadModule": "nequip_ext.nn",
     "EIPHeadModule": "nequip_ext.nn",
     "EvidentialEnergyForceLoss": "nequip_ext.train",

@@ -22,6 +22,10 @@ ENERGY_NOISE_AMPLITUDE_GRAD_KEY: Final[str] = "energy_noise_amplitude_grad"  # (
 # === in-model force committee (uq_head.committee, e2ip_plugins.force_committee; issue 26, opt-in) ===
 E2IP_COMMITTEE_FORCES_KEY: Final[str] = "e2ip_committee_forces"  # (N, 3M): M members' direct forces, M×1o
 
+# === geometric construction for scalar backbones (uq_head.geometric, nequip_ext.geometric; issue 28) ===
+E2IP_GEOMETRIC_FEATURES_KEY: Final[str] = "e2ip_geometric_features"  # (N, F+8K): F×0e + K×1o + K×2e, the head's input
+E2IP_NODE_SCALARS_KEY: Final[str] = "e2ip_node_scalars"  # (N, F): Σ_j x_ij/√n̄ of per-edge scalars (Allegro)
+
 # === raw evidence of the e²IP (NIW) head ===
 E2IP_NU_KEY: Final[str] = "e2ip_nu"  # (N,)
 E2IP_KAPPA_KEY: Final[str] = "e2ip_kappa"  # (N,)
@@ -59,6 +63,8 @@ NODE_KEYS: Final[List[str]] = CARTESIAN_KEYS + [
     ENERGY_NOISE_AMPLITUDE_KEY,
     ENERGY_NOISE_AMPLITUDE_GRAD_KEY,
     E2IP_COMMITTEE_FORCES_KEY,
+    E2IP_GEOMETRIC_FEATURES_KEY,
+    E2IP_NODE_SCALARS_KEY,
 ]
 # per-frame fields the plugin can emit
 GRAPH_KEYS: Final[List[str]] = [ENERGY_UNCERTAINTY_KEY]

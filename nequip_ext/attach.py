@@ -19,6 +19,8 @@ every backbone parameter. NequIP rebuilds a checkpoint's model by calling its bu
 (``ModelFromCheckpoint``, ``nequip-package build``, ``nequip-compile``), so the freezing holds after every reload;
 like NequIP's own loaders, that rebuild reads the original package / checkpoint file at the path given here.
 Energies and forces are the backbone's, bit for bit: the head only reads the features and adds fields.
+Scalar backbones (NequIP ``l_max: 0``, Allegro; issue 28) get the geometric l = 1 / l = 2 features of
+:mod:`nequip_ext.geometric` (``uq_geometric``, trained and frozen-or-not with the head) in front of the head.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .geometric import GEOMETRIC_MODULE_NAME, uq_site
 from .model import (COMMITTEE_MODULE_NAME, ENERGY_MODULE_NAME, HEAD_MODULE_NAME, NOVELTY_MODULE_NAME,
                     _is_energy_model, attach_uq_head)
 
-UQ_MODULE_NAMES = (HEAD_MODULE_NAME, NOVELTY_MODULE_NAME, ENERGY_MODULE_NAME, COMMITTEE_MODULE_NAME)
-_SCALAR_MSG = ("scalar backbones such as Allegro / l_max 0 are not yet supported (issue 28): the e2ip head reads "
-               "l > 0 node features before the last convnet")
+UQ_MODULE_NAMES = (GEOMETRIC_MODULE_NAME, HEAD_MODULE_NAME, NOVELTY_MODULE_NAME, ENERGY_MODULE_NAME,
+                   COMMITTEE_MODULE_NAME)
 
 
 def _check_paths(package_path: Optional[str], checkpoint_path: Optional[str]) -> str:
@@ -116,13 +118,10 @@ def check_backbone(graph_model, source: str = "the model") -> None:
     if present:
         raise ValueError(f"{source} already has an e2ip head ({present}): fine-tune it with nequip.model."
                          "ModelFromCheckpoint / ModelFromPackage as training_module.model instead of attaching another")
-    convnets = [n for n in seq._modules if n.startswith("layer") and n.endswith("_convnet")]
-    if len(convnets) < 2:
-        raise ValueError(f"{source} has {len(convnets)} convnet layer(s) ({convnets}); " + _SCALAR_MSG)
-    irreps = seq._modules[convnets[-1]].irreps_in.get("node_features")
-    if irreps is None or all(ir.l == 0 for _, ir in irreps):
-        raise ValueError(f"{source}: the node features before the last convnet are {irreps} (l = 0 only); "
-                         + _SCALAR_MSG)
+    try:
+        uq_site(seq)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
 def check_type_names(graph_model, type_names: Optional[List[str]], source: str) -> None:
@@ -228,8 +227,8 @@ def AttachedE2IPModel(
         compile_mode: ``eager`` or ``compile`` (passed to NequIP's loader)
 
     Raises:
-        ValueError: not exactly one path, a file that is not a NequIP model, a backbone without l > 0 features
-            before its last convnet (issue 28), a backbone that already has a head, mismatched type names.
+        ValueError: not exactly one path, a file that is not a NequIP model, a backbone with fewer than 2 convnets
+            (and not Allegro), a backbone that already has a head, mismatched type names.
     """
     from lightning.pytorch.utilities.seed import isolate_rng
     from nequip.utils import torch_default_dtype
@@ -245,7 +244,8 @@ def AttachedE2IPModel(
         cfg["force_rms"] = _default_force_rms(seq)
     with torch_default_dtype(graph_model.model_dtype), isolate_rng():
         torch.manual_seed(int(seed))
-        energy = attach_uq_head(graph_model.model, cfg, num_species=len(graph_model.type_names))
+        energy = attach_uq_head(graph_model.model, cfg, num_species=len(graph_model.type_names),
+                                r_max=float(graph_model.metadata["r_max"]))
     graph_model.model = energy
     graph_model.irreps_out = dict(energy.irreps_out)
     if freeze_backbone:

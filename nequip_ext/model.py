@@ -10,6 +10,9 @@ novelty-aware evidence (e2ip, on by default) the parameter-free
 invariants of the head's input and of the last convnet's output, and writes κ and the
 covariance fields. :class:`~nequip_ext.nn.E2IPEnergyUncertaintyModule` (``uq_energy``), appended
 last, writes the per-frame ``energy_uncertainty`` (approximation from the force covariance, issue 15).
+With ``l_max: 0`` (scalar node features, issue 28) :class:`~nequip_ext.geometric.E2IPGeometricModule`
+(``uq_geometric``) before the head builds l = 1 / l = 2 features from the edges, weighted by learned invariants of
+those scalars and of the distance, and the head reads them (``uq_head.geometric: true`` forces it on l ≥ 1).
 
 YAML::
 
@@ -38,10 +41,13 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Optional
 
+import torch
+from nequip.data import AtomicDataDict
 from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
+from .geometric import GEOMETRIC_MODULE_NAME, E2IPGeometricModule, geometric_options, uq_site
 from .nn import (E2IPCommitteeModule, E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule, E2IPHeadModule,
                  E2IPNoveltyModule, EIPHeadModule)
 
@@ -63,35 +69,44 @@ def _default_force_rms(per_type_energy_scales) -> float:
     return math.sqrt(sum(v * v for v in vals) / len(vals)) if vals else 1.0
 
 
-def _check_uq_config(num_layers: int, l_max: int, kind: str) -> None:
+def _check_uq_config(num_layers: int, l_max: int, kind: str, geometric=None) -> None:
     if kind not in HEAD_KINDS:
         raise ValueError(f"uq_head.kind must be one of {sorted(HEAD_KINDS)}, got {kind!r}")
     if num_layers < 2:
         raise ValueError(
             f"EvidentialNequIPGNNModel needs num_layers >= 2, got num_layers={num_layers}: NequIP's last "
             "convnet outputs scalars only, so the uncertainty head reads the input of the last convnet, "
-            "which for num_layers=1 is the type embedding (no l > 0 features)."
+            "which for num_layers=1 is the type embedding."
         )
-    if l_max < 1:
-        raise ValueError(
-            f"EvidentialNequIPGNNModel needs l_max >= 1, got l_max={l_max}: an equivariant 3x3 covariance "
-            "is built from l = 1 (or l = 2) node features."
-        )
+    geometric_options(geometric, l_max < 1)  # l_max 0: the geometric l = 1 / l = 2 features (issue 28)
+
+
+def backbone_neighbors(seq) -> Optional[float]:
+    """n̄ of the backbone's edge-sum normalisation (its first ``AvgNumNeighborsNorm``, 1/√n̄ per type; mean n̄)."""
+    for mod in seq.modules():
+        if type(mod).__name__ == "AvgNumNeighborsNorm" and torch.is_tensor(getattr(mod, "norm_const", None)):
+            return float(mod.norm_const.detach().double().pow(-2).mean())
+    return None
 
 
 def attach_uq_head(
-    model: ForceStressOutput, uq_head: Dict[str, Any], per_type_energy_scales=None, num_species: int = 1
+    model: ForceStressOutput, uq_head: Dict[str, Any], per_type_energy_scales=None, num_species: int = 1,
+    r_max: Optional[float] = None,
 ) -> ForceStressOutput:
     """Insert the head before the last convnet of a (raw, unwrapped) NequIP energy model; returns a new
     ``ForceStressOutput`` around the modified energy model (so its ``irreps_out`` include the head fields).
     Classes are matched by name and the wrapper is rebuilt with ``type(model)``, so a model loaded from a
-    ``nequip-package`` file (its classes come from the package's own ``nequip``) works too."""
+    ``nequip-package`` file (its classes come from the package's own ``nequip``) works too. On a scalar backbone
+    (or with ``uq_head.geometric``) :class:`~nequip_ext.geometric.E2IPGeometricModule` (``uq_geometric``, needs
+    ``r_max``) goes first and the head reads its ``e2ip_geometric_features``. An Allegro energy model works too: see
+    :func:`~nequip_ext.geometric.uq_site` for where the modules go."""
     cfg = dict(uq_head)
     kind = cfg.pop("kind", "e2ip")
     noise = dict(cfg.pop("energy_noise", None) or {})
     noise_enabled = bool(noise.pop("enabled", bool(noise)))
     committee = dict(cfg.pop("committee", None) or {})
     committee_enabled = bool(committee.pop("enabled", bool(committee)))
+    geometric = cfg.pop("geometric", None)
     if noise_enabled and kind != "e2ip":
         raise ValueError("uq_head.energy_noise needs uq_head.kind: e2ip (its local force block is the e2ip "
                          "head's aleatoric covariance)")
@@ -101,24 +116,32 @@ def attach_uq_head(
     if not _is_energy_model(model):
         raise TypeError(f"expected ForceStressOutput(SequentialGraphNetwork), got {type(model).__name__}")
     seq = model.func
-    convnets = [n for n in seq._modules if n.startswith("layer") and n.endswith("_convnet")]
-    if len(convnets) < 2:
-        raise ValueError(f"the uncertainty head needs at least 2 convnet layers, found {convnets}")
-    last = convnets[-1]
-    head = HEAD_KINDS[kind](irreps_in=seq._modules[last].irreps_in, **cfg)
-    seq.insert(HEAD_MODULE_NAME, head, before=last)
+    site = uq_site(seq)
+    before, field = site["before"], AtomicDataDict.NODE_FEATURES_KEY
+    geo = geometric_options(geometric, site["scalar"])
+    if geo is not None:
+        if r_max is None:
+            raise ValueError("the geometric features (uq_head.geometric, scalar backbones) need the model's r_max")
+        n_bar = backbone_neighbors(seq)
+        geo_mod = E2IPGeometricModule(irreps_in=seq._modules[before].irreps_in, r_max=float(r_max),
+                                      avg_num_neighbors=10.0 if n_bar is None else n_bar, **site["geometric"], **geo)
+        seq.insert(GEOMETRIC_MODULE_NAME, geo_mod, before=before)
+        field = geo_mod.out_field
+    head = HEAD_KINDS[kind](irreps_in=seq._modules[before].irreps_in, field=field, **cfg)
+    seq.insert(HEAD_MODULE_NAME, head, before=before)
     if committee_enabled:  # issue 26 (opt-in): direct force members on the head's input features
         committee.setdefault("force_rms", float(cfg.get("force_rms") or _default_force_rms(per_type_energy_scales)))
-        seq.insert(COMMITTEE_MODULE_NAME, E2IPCommitteeModule(irreps_in=seq._modules[last].irreps_in, **committee),
-                   before=last)
+        seq.insert(COMMITTEE_MODULE_NAME,
+                   E2IPCommitteeModule(irreps_in=seq._modules[before].irreps_in, field=field, **committee),
+                   before=before)
     if getattr(head, "novelty_enabled", False):
         opts = {k: v for k, v in dict(cfg.get("novelty") or {}).items() if k != "enabled"}
-        nov = E2IPNoveltyModule(irreps_in=seq._modules[last].irreps_out, num_species=cfg["num_species"],
-                                head_invariants=head.invariants.num_features, **opts)
-        seq.insert(NOVELTY_MODULE_NAME, nov, after=last)
+        nov = E2IPNoveltyModule(irreps_in=seq._modules[site["novelty_after"]].irreps_out, num_species=cfg["num_species"],
+                                head_invariants=head.invariants.num_features, field=site["novelty_field"], **opts)
+        seq.insert(NOVELTY_MODULE_NAME, nov, after=site["novelty_after"])
     # energy_uncertainty (issue 15): reads the final forces_covariance, so it goes last
     if noise_enabled:
-        energy = E2IPEnergyNoiseModule(irreps_in=seq.irreps_out, **noise)
+        energy = E2IPEnergyNoiseModule(irreps_in=seq.irreps_out, field=site["noise_field"], **noise)
     else:
         energy = E2IPEnergyUncertaintyModule(irreps_in=seq.irreps_out)
     seq.append(ENERGY_MODULE_NAME, energy)
@@ -140,15 +163,19 @@ def EvidentialNequIPGNNModel(uq_head: Optional[Dict[str, Any]] = None, **kwargs)
         uq_head (dict): ``kind`` (``e2ip`` default, or ``eip``) plus head options:
             e2ip → :class:`e2ip_plugins.EvidentialHead` (``num_channels``, ``mlp_hidden``, ``force_rms``,
             ``nu_offset``, damping caps, ``novelty``); eip → :class:`e2ip_plugins.EIPHead` (``num_channels``,
-            ``mlp_hidden``, ``eps``) and ``q``.
+            ``mlp_hidden``, ``eps``) and ``q``;
+            ``geometric``: the l = 1 / l = 2 features of :mod:`nequip_ext.geometric` (default: on for ``l_max: 0``,
+            whose node features are scalars; ``true`` forces them on l ≥ 1 backbones).
         **kwargs: every :func:`nequip.model.NequIPGNNModel` argument.
 
     Raises:
-        ValueError: ``num_layers < 2`` or ``l_max < 1`` (no l > 0 features before the last convnet),
-            or an unknown ``uq_head.kind``.
+        ValueError: ``num_layers < 2`` (the head's input would be the type embedding), an unknown
+            ``uq_head.kind``, or ``uq_head.geometric: false`` with ``l_max: 0``.
     """
     uq_head = dict(uq_head or {})
-    _check_uq_config(int(kwargs.get("num_layers", 4)), int(kwargs.get("l_max", 1)), uq_head.get("kind", "e2ip"))
+    _check_uq_config(int(kwargs.get("num_layers", 4)), int(kwargs.get("l_max", 1)), uq_head.get("kind", "e2ip"),
+                     uq_head.get("geometric", None))
     # nested inside our @model_builder, NequIPGNNModel returns the raw ForceStressOutput
     model = NequIPGNNModel(**kwargs)
-    return attach_uq_head(model, uq_head, kwargs.get("per_type_energy_scales", None), len(kwargs["type_names"]))
+    return attach_uq_head(model, uq_head, kwargs.get("per_type_energy_scales", None), len(kwargs["type_names"]),
+                          r_max=kwargs.get("r_max", None))

@@ -64,7 +64,8 @@ def test_fields_registered():
     assert K.FORCES_UNCERTAINTY_KEY == "forces_uncertainty"
 
 
-@pytest.mark.parametrize("bad", [{"num_layers": 1}, {"l_max": 0}, {"uq_head": {"kind": "nope"}}])
+@pytest.mark.parametrize("bad", [{"num_layers": 1}, {"l_max": 0, "uq_head": {"geometric": False}},
+                                 {"uq_head": {"kind": "nope"}}, {"uq_head": {"geometric": {"num_chanels": 4}}}])
 def test_build_time_errors(bad):
     cfg = {**CFG, **bad}
     with pytest.raises(ValueError):

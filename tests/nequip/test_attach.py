@@ -251,9 +251,8 @@ def test_bad_inputs(runs, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other order"):
         build(package_path=str(runs["plain_pkg"]), type_names=["H", "C", "O"])
     with monkeypatch.context() as mp:
-        _in_process(mp, NequIPGNNModel(**{**CFG, "l_max": 0}))
-        with pytest.raises(ValueError, match=r"l_max 0 are not yet supported \(issue 28\)"):
-            build(package_path="scalar.nequip.zip")
+        _in_process(mp, NequIPGNNModel(**{**CFG, "l_max": 0}))  # scalar backbone: no longer an error (issue 28)
+        assert "uq_geometric" in build(package_path="scalar.nequip.zip").model.func._modules
     with monkeypatch.context() as mp:
         _in_process(mp, nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head={"num_channels": 4}))
         with pytest.raises(ValueError, match="already has an e2ip head"):
