@@ -81,6 +81,33 @@ def test_nequip_and_allegro_pinned():
     assert hasattr(seq.edge_eng_sum.norm_module, "norm_const")
 
 
+def test_edges_match_ase_on_a_small_periodic_cell():
+    """NequIP's edges as the module reads them (centre edge_index[0], r_j − r_i + shift·cell) are ASE's
+    ``neighbor_list("ijD")`` edges on a triclinic cell smaller than r_max (self-images included), and the
+    module's features equal GeometricFeatures on ASE's edges; the opposite sign gives other features."""
+    from ase.build import bulk
+    from ase.neighborlist import neighbor_list
+    from nequip.data import from_ase
+
+    atoms = bulk("NaCl", "rocksalt", a=4.1)
+    atoms.rattle(0.1, seed=1)
+    g = with_edge_vectors_(compute_neighborlist_(from_ase(atoms), r_max=4.0), with_lengths=False)
+    ei, vec = g[AtomicDataDict.EDGE_INDEX_KEY], g[AtomicDataDict.EDGE_VECTORS_KEY]
+    i, j, d = neighbor_list("ijD", atoms, 4.0)
+    assert len(i) == ei.shape[1] > 12 and (i == j).any()  # self-images present
+
+    def canon(a, b, v):
+        return sorted(zip(a.tolist(), b.tolist(), [tuple(round(x, 8) for x in r) for r in v.tolist()]))
+
+    assert canon(ei[0], ei[1], vec) == canon(torch.as_tensor(i), torch.as_tensor(j), torch.as_tensor(d))
+    mod = E2IPGeometricModule(irreps_in={"node_features": "3x0e"}, r_max=4.0, avg_num_neighbors=6.0, **GEO)
+    h = torch.randn(len(atoms), 3, generator=torch.Generator().manual_seed(2))
+    out = mod({**g, "node_features": h})[K.E2IP_GEOMETRIC_FEATURES_KEY]
+    ii, jj, dd = (torch.as_tensor(x) for x in (i, j, d))
+    torch.testing.assert_close(out, mod.geometric(h, ii, jj, dd))
+    assert not torch.allclose(out, mod.geometric(h, ii, jj, -dd))
+
+
 def test_module_layout_and_options():
     """Where the modules go; l ≥ 1 keeps the plain head unless ``geometric: true``; bad options name the fix."""
     for backbone, before, after in (("nequip_l0", "layer1_convnet", "layer1_convnet"),
