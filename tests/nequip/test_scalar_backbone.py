@@ -182,13 +182,16 @@ def test_geometric_module_script_and_export(edges):
         torch.testing.assert_close(exported.module()(inputs(g))[out_key], r)
 
 
-def test_attach_to_plain_l_max_0(monkeypatch):
-    """AttachedE2IPModel on a plain l_max 0 NequIP model: uq_geometric + head, backbone frozen and bit-identical."""
+@pytest.mark.parametrize("backbone", ["nequip_l0", "allegro"])
+def test_attach_to_plain_scalar_backbone(monkeypatch, backbone):
+    """AttachedE2IPModel on a plain l_max 0 NequIP / Allegro model: uq_geometric + head, backbone frozen and
+    bit-identical."""
+    from allegro.model import AllegroModel
     from nequip.model import NequIPGNNModel
 
     from .test_attach import _in_process
 
-    plain = NequIPGNNModel(**{**CFG, "l_max": 0})
+    plain = NequIPGNNModel(**{**CFG, "l_max": 0}) if backbone == "nequip_l0" else AllegroModel(**_allegro_cfg(CFG))
     ref = plain(AtomicDataDict.batched_from_list(_graphs(2)))
     _in_process(monkeypatch, copy.deepcopy(plain))
     model = nequip_ext.AttachedE2IPModel(package_path="scalar.nequip.zip", uq_head={"num_channels": 4, "geometric": GEO})
