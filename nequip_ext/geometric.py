@@ -50,23 +50,14 @@ def geometric_options(value: Union[None, bool, Dict[str, Any]], scalar_backbone:
     enabled = bool(opts.pop("enabled", True))
     unknown = sorted(set(opts) - set(GEOMETRIC_OPTIONS))
     if unknown:
-        raise ValueError(f"uq_head.geometric: unknown options {unknown}; known: enabled, {', '.join(GEOMETRIC_OPTIONS)}")
+        raise ValueError(f"uq_head.geometric: unknown options {unknown}; known: enabled, "
+                         f"{', '.join(GEOMETRIC_OPTIONS)}")
     if not enabled:
         if scalar_backbone:
             raise ValueError("uq_head.geometric: false on a scalar backbone (no l > 0 features): the e2ip head needs "
                              "the geometric l = 1 / l = 2 features there (issue 28); drop the option")
         return None
     return opts
-
-
-def mean_neighbors(avg_num_neighbors: Union[None, float, Dict[str, float]]) -> float:
-    """n̄ of the normalisation: the model's ``avg_num_neighbors`` (the mean over types for a per-type dict)."""
-    if avg_num_neighbors is None:
-        return 10.0
-    if isinstance(avg_num_neighbors, dict):
-        vals = [float(v) for v in avg_num_neighbors.values()]
-        return sum(vals) / len(vals) if vals else 10.0
-    return float(avg_num_neighbors)
 
 
 def is_scalar(irreps) -> bool:
@@ -126,7 +117,8 @@ class E2IPGeometricModule(GraphModuleMixin, torch.nn.Module):
             raise ValueError(f"E2IPGeometricModule reads {self.field!r}, which the preceding modules do not provide")
         irreps = o3.Irreps(irreps_in[self.field])
         # the 0e channels only (an l ≥ 1 backbone with uq_head.geometric: its scalars; 0o would flip under inversion)
-        cols = [i for (mul, ir), sl in zip(irreps, irreps.slices()) if ir == o3.Irrep("0e") for i in range(sl.start, sl.stop)]
+        cols = [i for (_, ir), sl in zip(irreps, irreps.slices()) if ir == o3.Irrep("0e")
+                for i in range(sl.start, sl.stop)]
         if not cols:
             raise ValueError(f"E2IPGeometricModule reads invariant (0e) features, but {self.field} has irreps {irreps}")
         self.select = len(cols) != irreps.dim

@@ -136,8 +136,9 @@ def attach_uq_head(
                    before=before)
     if getattr(head, "novelty_enabled", False):
         opts = {k: v for k, v in dict(cfg.get("novelty") or {}).items() if k != "enabled"}
-        nov = E2IPNoveltyModule(irreps_in=seq._modules[site["novelty_after"]].irreps_out, num_species=cfg["num_species"],
-                                head_invariants=head.invariants.num_features, field=site["novelty_field"], **opts)
+        nov = E2IPNoveltyModule(irreps_in=seq._modules[site["novelty_after"]].irreps_out,
+                                num_species=cfg["num_species"], head_invariants=head.invariants.num_features,
+                                field=site["novelty_field"], **opts)
         seq.insert(NOVELTY_MODULE_NAME, nov, after=site["novelty_after"])
     # energy_uncertainty (issue 15): reads the final forces_covariance, so it goes last
     if noise_enabled:

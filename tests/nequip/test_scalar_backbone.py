@@ -194,7 +194,8 @@ def test_attach_to_plain_scalar_backbone(monkeypatch, backbone):
     plain = NequIPGNNModel(**{**CFG, "l_max": 0}) if backbone == "nequip_l0" else AllegroModel(**_allegro_cfg(CFG))
     ref = plain(AtomicDataDict.batched_from_list(_graphs(2)))
     _in_process(monkeypatch, copy.deepcopy(plain))
-    model = nequip_ext.AttachedE2IPModel(package_path="scalar.nequip.zip", uq_head={"num_channels": 4, "geometric": GEO})
+    model = nequip_ext.AttachedE2IPModel(package_path="scalar.nequip.zip",
+                                         uq_head={"num_channels": 4, "geometric": GEO})
     seq = model.model.func
     assert seq.uq_head.field == K.E2IP_GEOMETRIC_FEATURES_KEY and seq.uq_geometric.detach_input
     assert seq.uq_geometric.geometric.norm == pytest.approx(1 / 2.0)  # n̄ = 4 read from the backbone
