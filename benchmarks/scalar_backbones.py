@@ -77,6 +77,7 @@ def run_variant(args) -> Path:
     prof = get_profile("quick")
     prof["sweep_sizes"], prof["sweep_backbones"] = [], []
     settings = dict(prof["backbones"]["nequip" if env_name == "allegro" else "mace"], **changes)
+    settings.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
     manifest = _manifest(args, prof, out)
     manifest["data_keys"] = dict(manifest["data_keys"], elements=manifest["elements"])
     s0 = prof["seed"]
@@ -130,6 +131,8 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--out", default="bench_scalar")
     p.add_argument("--data-dir", default=str(SHARED_DATA))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="override the quick profile's epochs")
+    p.add_argument("--lr", type=float, default=None, help="override the quick profile's learning rate")
     p.add_argument("--report", action="store_true", help="write report_scalar.md from results_scalar_*.json")
     args = p.parse_args(argv)
     if args.variant:

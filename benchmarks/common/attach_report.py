@@ -53,16 +53,23 @@ def backbone_section(res: Dict[str, Any]) -> List[str]:
     return lines + [""]
 
 
-def write_report(out: Path) -> Path:
-    out = Path(out)
-    lines = ["# Uncertainty for an existing model: frozen-attach e²IP vs end-to-end vs LLPR vs ensemble", "",
-             "Command: `python -m benchmarks.attach --backbone {mace,nequip} --out <dir>` in each environment, then "
-             "`python -m benchmarks.attach --report --out <dir>`.", "",
-             "Metrics per atom (forces) as deployed: the stored calibration for e²IP, α² and ς² fitted on val for the "
-             "LLPR, one covariance scale fitted on val for the ensemble. Mean ± sd over seeds. Frame ρ / AUROC: "
-             "per-structure max u against max ‖ΔF‖.", ""]
-    for path in sorted(out.glob("results_*.json")):
-        lines += backbone_section(json.loads(path.read_text()))
-    report = out / "report.md"
+def write_sections(out: Path, name: str, header: List[str], paths, section) -> Path:
+    """``out/name``: the ``header`` lines, then ``section(results)`` of each results JSON in ``paths``."""
+    lines = list(header)
+    for path in paths:
+        lines += section(json.loads(Path(path).read_text()))
+    report = Path(out) / name
     report.write_text("\n".join(lines))
     return report
+
+
+def write_report(out: Path) -> Path:
+    out = Path(out)
+    header = ["# Uncertainty for an existing model: frozen-attach e²IP vs end-to-end vs LLPR vs ensemble", "",
+              "Command: `python -m benchmarks.attach --backbone {mace,nequip} --out <dir>` in each environment, then "
+              "`python -m benchmarks.attach --report --out <dir>`.", "",
+              "Metrics per atom (forces) as deployed: the stored calibration for e²IP, α² and ς² fitted on val for the "
+              "LLPR, one covariance scale fitted on val for the ensemble. Mean ± sd over seeds. Frame ρ / AUROC: "
+              "per-structure max u against max ‖ΔF‖.", ""]
+    paths = [out / f"results_{b}.json" for b in ("mace", "nequip") if (out / f"results_{b}.json").is_file()]
+    return write_sections(out, "report.md", header, paths, backbone_section)

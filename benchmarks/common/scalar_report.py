@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .attach_report import _cell
+from .attach_report import _cell, write_sections
 
 NAMES = {"plain": "plain", "e2ip": "e²IP, l > 0 head", "e2ip_geometric": "e²IP, geometric construction",
          "ensemble": "4-member ensemble, (tr/3)·I, val scale"}
@@ -44,13 +44,9 @@ def variant_section(res: Dict[str, Any]) -> List[str]:
 
 def write_report(out: Path) -> Path:
     out = Path(out)
-    lines = ["# Scalar backbones: the geometric construction (issue 28)", "",
-             "Command: `python -m benchmarks.scalar_backbones --variant {mace_l0,mace_l1_geometric,allegro} --out <dir>` "
-             "in the backbone's environment, then `python -m benchmarks.scalar_backbones --report --out <dir>`.", "",
-             "Per-atom force metrics as deployed (stored calibration; the ensemble with one validation scale). "
-             "Frame ρ / AUROC: per-structure max u against max ‖ΔF‖. Mean ± sd over seeds.", ""]
-    for path in sorted(out.glob("results_scalar_*.json")):
-        lines += variant_section(json.loads(path.read_text()))
-    report = out / "report_scalar.md"
-    report.write_text("\n".join(lines))
-    return report
+    header = ["# Scalar backbones: the geometric construction (issue 28)", "",
+              "Command: `python -m benchmarks.scalar_backbones --variant {mace_l0,mace_l1_geometric,allegro} --out <dir>` "
+              "in the backbone's environment, then `python -m benchmarks.scalar_backbones --report --out <dir>`.", "",
+              "Per-atom force metrics as deployed (stored calibration; the ensemble with one validation scale). "
+              "Frame ρ / AUROC: per-structure max u against max ‖ΔF‖. Mean ± sd over seeds.", ""]
+    return write_sections(out, "report_scalar.md", header, sorted(out.glob("results_scalar_*.json")), variant_section)
