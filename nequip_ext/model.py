@@ -107,6 +107,7 @@ def attach_uq_head(
     committee = dict(cfg.pop("committee", None) or {})
     committee_enabled = bool(committee.pop("enabled", bool(committee)))
     geometric = cfg.pop("geometric", None)
+    detach = bool(cfg.pop("detach_features", False))  # the head's loss does not reach the backbone (train only the UQ)
     if noise_enabled and kind != "e2ip":
         raise ValueError("uq_head.energy_noise needs uq_head.kind: e2ip (its local force block is the e2ip "
                          "head's aleatoric covariance)")
@@ -129,6 +130,9 @@ def attach_uq_head(
         field = geo_mod.out_field
     head = HEAD_KINDS[kind](irreps_in=seq._modules[before].irreps_in, field=field, **cfg)
     seq.insert(HEAD_MODULE_NAME, head, before=before)
+    for name in (GEOMETRIC_MODULE_NAME, HEAD_MODULE_NAME):
+        if name in seq._modules:
+            seq._modules[name].detach_input = detach
     if committee_enabled:  # issue 26 (opt-in): direct force members on the head's input features
         committee.setdefault("force_rms", float(cfg.get("force_rms") or _default_force_rms(per_type_energy_scales)))
         seq.insert(COMMITTEE_MODULE_NAME,
@@ -165,6 +169,8 @@ def EvidentialNequIPGNNModel(uq_head: Optional[Dict[str, Any]] = None, **kwargs)
             e2ip → :class:`e2ip_plugins.EvidentialHead` (``num_channels``, ``mlp_hidden``, ``force_rms``,
             ``nu_offset``, damping caps, ``novelty``); eip → :class:`e2ip_plugins.EIPHead` (``num_channels``,
             ``mlp_hidden``, ``eps``) and ``q``;
+            ``detach_features`` (default false): the head (and geometric module) read their inputs detached in
+            training, so their loss trains only the UQ modules (the Allegro config sets it);
             ``geometric``: the l = 1 / l = 2 features of :mod:`nequip_ext.geometric` (default: on for ``l_max: 0``,
             whose node features are scalars; ``true`` forces them on l ≥ 1 backbones).
         **kwargs: every :func:`nequip.model.NequIPGNNModel` argument.

@@ -245,3 +245,18 @@ def test_allegro_train_cli_to_calculator(tmp_path):
     assert cov.shape == (len(atoms), 3, 3)
     assert torch.linalg.eigvalsh(torch.as_tensor(cov)).min() > 0
     assert calc.results[K.ENERGY_UNCERTAINTY_KEY] > 0
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_features_keeps_the_head_loss_off_the_backbone(detach):
+    """uq_head.detach_features (the Allegro config's setting): in training, a loss on the covariance gives the
+    backbone no gradient, and still trains the UQ modules; without it the backbone gets one."""
+    model = _build("allegro", detach_features=detach)
+    model.train()
+    out = model(dict(_graphs(1)[0]))
+    torch.diagonal(out[K.FORCES_COVARIANCE_KEY], dim1=-2, dim2=-1).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    uq = [g for n, g in grads.items() if ".uq_" in n and g is not None and g.abs().sum() > 0]
+    backbone = [n for n, g in grads.items() if ".uq_" not in n and g is not None and g.abs().sum() > 0]
+    assert uq, "the UQ modules get no gradient"
+    assert bool(backbone) != detach, backbone[:3]
