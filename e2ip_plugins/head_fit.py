@@ -73,9 +73,10 @@ class CachedAtoms:
 
     def structures(self, index: torch.Tensor) -> "CachedAtoms":
         """The atoms of the structures ``index`` (in that order)."""
-        counts = self.ptr[1:] - self.ptr[:-1]
-        atoms = torch.cat([torch.arange(int(self.ptr[s]), int(self.ptr[s + 1])) for s in index.tolist()])
-        ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts[index], 0)])
+        counts = (self.ptr[1:] - self.ptr[:-1])[index]
+        ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+        # atom k of the selection: first atom of its structure + its offset inside it (no per-structure loop)
+        atoms = torch.repeat_interleave(self.ptr[index] - ptr[:-1], counts) + torch.arange(int(ptr[-1]))
         return CachedAtoms(self.features[atoms], self.forces[atoms], self.ref_forces[atoms], ptr)
 
 
