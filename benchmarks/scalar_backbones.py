@@ -113,6 +113,8 @@ def run_variant(args) -> Path:
             results["methods"].setdefault(label, {})[f"seed{r['seed']}"] = entry
         results["train_cpu_s"][label] = [r["cpu_s"] for r in runs]
     results["train_cpu_s"]["plain"] = [r["cpu_s"] for r in plain_runs]
+    if args.tail_check:
+        _tail_check(backend, head_runs, sets, fk, out, args.variant)
     ens = predict_sets(backend, backend.load("ensemble", [r["artifact"] for r in plain_runs], "cpu"), sets, fk)
     ens = {name: (y, mean, isotropic(pred)) for name, (y, mean, pred) in ens.items()}
     entry = {"deployed": _scores(ens, manifest, frames, "recal")}
@@ -125,6 +127,19 @@ def run_variant(args) -> Path:
     return path
 
 
+def _tail_check(backend, head_runs, sets, fk, out: Path, variant: str) -> None:
+    """ν-shift diagnostic of :mod:`benchmarks.common.tail_shape` on every e²IP run (val chooses; not deployed)."""
+    from .common.evaluation import predict_sets
+    from .common.tail_shape import markdown, nu_shift_table
+
+    tables = {r["name"]: nu_shift_table(predict_sets(backend, backend.load("e2ip", [r["artifact"]], "cpu"), sets, fk))
+              for runs in head_runs.values() for r in runs}
+    (out / f"tail_{variant}.json").write_text(json.dumps(tables, indent=1))
+    md = markdown(tables)
+    (out / f"tail_{variant}.md").write_text(f"# ν shift refitted on validation ({variant}; not deployed)\n\n{md}")
+    log(f"{variant}: wrote {out / f'tail_{variant}.md'}")
+
+
 def main(argv: List[str] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", choices=sorted(VARIANTS))
@@ -133,6 +148,8 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="override the quick profile's epochs")
     p.add_argument("--lr", type=float, default=None, help="override the quick profile's learning rate")
+    p.add_argument("--tail-check", action="store_true", help="also write tail_<variant>.md: a global shift of ν "
+                   "refitted on val with c (benchmarks.common.tail_shape; diagnostic, not deployed)")
     p.add_argument("--report", action="store_true", help="write report_scalar.md from results_scalar_*.json")
     args = p.parse_args(argv)
     if args.variant:
