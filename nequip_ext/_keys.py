@@ -21,6 +21,7 @@ ENERGY_NOISE_AMPLITUDE_GRAD_KEY: Final[str] = "energy_noise_amplitude_grad"  # (
 
 # === in-model force committee (uq_head.committee, e2ip_plugins.force_committee; issue 26, opt-in) ===
 E2IP_COMMITTEE_FORCES_KEY: Final[str] = "e2ip_committee_forces"  # (N, 3M): M members' direct forces, M×1o
+E2IP_COMMITTEE_DEPTH_KEY: Final[str] = "e2ip_committee_depth"  # node features of an earlier convnet (committee depths)
 
 # === geometric construction for scalar backbones (uq_head.geometric, nequip_ext.geometric; issue 28) ===
 E2IP_GEOMETRIC_FEATURES_KEY: Final[str] = "e2ip_geometric_features"  # (N, F+8K): F×0e + K×1o + K×2e, the head's input
@@ -63,6 +64,7 @@ NODE_KEYS: Final[List[str]] = CARTESIAN_KEYS + [
     ENERGY_NOISE_AMPLITUDE_KEY,
     ENERGY_NOISE_AMPLITUDE_GRAD_KEY,
     E2IP_COMMITTEE_FORCES_KEY,
+    E2IP_COMMITTEE_DEPTH_KEY,
     E2IP_GEOMETRIC_FEATURES_KEY,
     E2IP_NODE_SCALARS_KEY,
 ]

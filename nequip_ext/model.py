@@ -48,7 +48,7 @@ from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
 from .geometric import GEOMETRIC_MODULE_NAME, E2IPGeometricModule, geometric_options, uq_site
-from .nn import (E2IPCommitteeModule, E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule, E2IPHeadModule,
+from .nn import (E2IPCommitteeModule, E2IPFeatureTap, E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule, E2IPHeadModule,
                  E2IPNoveltyModule, EIPHeadModule)
 
 HEAD_KINDS = {"e2ip": E2IPHeadModule, "eip": EIPHeadModule}
@@ -135,8 +135,21 @@ def attach_uq_head(
             seq._modules[name].detach_input = detach
     if committee_enabled:  # issue 26 (opt-in): direct force members on the head's input features
         committee.setdefault("force_rms", float(cfg.get("force_rms") or _default_force_rms(per_type_energy_scales)))
+        depth = committee.pop("extra_depth", None)  # also read the output of convnet number `depth` (0-based)
+        depth_field = None
+        if depth is not None:
+            convnets = [n for n in seq._modules if n.startswith("layer") and n.endswith("_convnet")]
+            if not 0 <= int(depth) < len(convnets) - 2:
+                raise ValueError(f"uq_head.committee.extra_depth must index a convnet before the one the head reads "
+                                 f"(0 .. {len(convnets) - 3}), got {depth}")
+            tap = E2IPFeatureTap(irreps_in=seq._modules[convnets[int(depth)]].irreps_out)
+            seq.insert(COMMITTEE_MODULE_NAME + "_tap", tap, after=convnets[int(depth)])
+            depth_field = tap.out_field
+        irreps = dict(seq._modules[before].irreps_in)
+        if depth_field is not None:  # the modules between the tap and here were built without its field
+            irreps[depth_field] = seq._modules[COMMITTEE_MODULE_NAME + "_tap"].irreps_out[depth_field]
         seq.insert(COMMITTEE_MODULE_NAME,
-                   E2IPCommitteeModule(irreps_in=seq._modules[before].irreps_in, field=field, **committee),
+                   E2IPCommitteeModule(irreps_in=irreps, field=field, depth_field=depth_field, **committee),
                    before=before)
     if getattr(head, "novelty_enabled", False):
         opts = {k: v for k, v in dict(cfg.get("novelty") or {}).items() if k != "enabled"}

@@ -131,23 +131,50 @@ class E2IPCommitteeModule(GraphModuleMixin, torch.nn.Module):
     Args:
         irreps_in: irreps dict of the preceding module (``field`` must hold 1o features)
         field: node feature field to read (default ``node_features``)
+        depth_field: also read these node features (an earlier convnet's output, written by
+            :class:`E2IPFeatureTap`), concatenated before ``field``: members reading two depths
         **committee: ``num_members`` (8), ``num_channels`` (8), ``mlp_hidden`` (16), ``force_rms``, ``seed``
     """
 
     detach_input: bool
+    two_depths: bool
 
-    def __init__(self, irreps_in, field: str = AtomicDataDict.NODE_FEATURES_KEY, **committee):
+    def __init__(self, irreps_in, field: str = AtomicDataDict.NODE_FEATURES_KEY, depth_field: Optional[str] = None,
+                 **committee):
         super().__init__()
         self.field = field
+        self.depth_field = field if depth_field is None else depth_field
+        self.two_depths = depth_field is not None
         self.detach_input = False
         members = int(committee.get("num_members", 8))
-        self._init_irreps(irreps_in=irreps_in, required_irreps_in=[field],
+        required = [field] + ([depth_field] if depth_field is not None else [])
+        self._init_irreps(irreps_in=irreps_in, required_irreps_in=required,
                           irreps_out={K.E2IP_COMMITTEE_FORCES_KEY: f"{members}x1o"})
-        self.committee = ForceCommittee(self.irreps_in[field], **committee)
+        feats = self.irreps_in[field]
+        if depth_field is not None:
+            feats = self.irreps_in[depth_field] + feats  # concatenated in this order (not simplified)
+        self.committee = ForceCommittee(feats, **committee)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        f = self.committee(_input(data[self.field], self.training and self.detach_input))
+        x = data[self.field]
+        if self.two_depths:
+            x = torch.cat([data[self.depth_field], x], dim=-1)
+        f = self.committee(_input(x, self.training and self.detach_input))
         data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)
+        return data
+
+
+class E2IPFeatureTap(GraphModuleMixin, torch.nn.Module):
+    """Copies ``node_features`` (an intermediate convnet's output) into ``out_field`` for a later module."""
+
+    def __init__(self, irreps_in, out_field: str = K.E2IP_COMMITTEE_DEPTH_KEY):
+        super().__init__()
+        self.out_field = out_field
+        nf = AtomicDataDict.NODE_FEATURES_KEY
+        self._init_irreps(irreps_in=irreps_in, required_irreps_in=[nf], irreps_out={out_field: irreps_in[nf]})
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        data[self.out_field] = data[AtomicDataDict.NODE_FEATURES_KEY]
         return data
 
 

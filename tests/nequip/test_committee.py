@@ -59,3 +59,28 @@ def test_missing_committee_is_named():
     batch = AtomicDataDict.batched_from_list(_graphs(1))
     with pytest.raises(KeyError, match="uq_head.committee.enabled"):
         CommitteeLossMetric()(plain(dict(batch)), batch)
+
+
+def test_two_depth_members_rotate_and_read_the_earlier_convnet():
+    """``extra_depth: 0``: members also read layer0's output (tapped into ``e2ip_committee_depth``): they still
+    rotate as R F, and the earlier features reach them (their gradient is nonzero)."""
+    head = dict(HEAD, committee=dict(HEAD["committee"], extra_depth=0))
+    m = nequip_ext.EvidentialNequIPGNNModel(**dict(CFG, num_layers=3), uq_head=head)
+    names = list(m.model.func._modules) if hasattr(m, "model") else list(m.func._modules)
+    assert names.index("uq_committee_tap") == names.index("layer0_convnet") + 1
+    m.eval()
+    g = _graphs(1)[0]
+    f = m(dict(g))[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, M, 3)
+    rot = torch.as_tensor(Rotation.random(random_state=3).as_matrix(), dtype=torch.float64)
+    fr = m(_rotated(g, rot))[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, M, 3)
+    torch.testing.assert_close(fr, f @ rot.T, rtol=1e-7, atol=1e-10)
+    seq = m.model.func if hasattr(m, "model") else m.func
+    seen = {}
+    m.train()  # training keeps the graph of the conservative forces (eval frees it)
+    seq._modules["uq_committee"].register_forward_pre_hook(
+        lambda mod, args: seen.update(depth=args[0][K.E2IP_COMMITTEE_DEPTH_KEY]))
+    out = m(dict(g))[K.E2IP_COMMITTEE_FORCES_KEY]
+    (grad,) = torch.autograd.grad(out.sum(), seen["depth"])
+    assert grad.abs().max() > 0
+    with pytest.raises(ValueError, match="extra_depth"):
+        nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head=dict(HEAD, committee=dict(HEAD["committee"], extra_depth=0)))
