@@ -181,9 +181,11 @@ class CommitteeLossMetric(_MeanLossMetric):
 
     loss_name = "committee"
 
-    def __init__(self, force_rms: float = 1.0, nll_weight: float = 1.0, **kwargs):
+    def __init__(self, force_rms: float = 1.0, nll_weight: float = 1.0, target: str = "forces", **kwargs):
         super().__init__(**kwargs)
-        self.force_rms, self.nll_weight = float(force_rms), float(nll_weight)
+        if target not in ("forces", "residual"):
+            raise ValueError(f"committee_target must be 'forces' or 'residual', got {target!r}")
+        self.force_rms, self.nll_weight, self.target = float(force_rms), float(nll_weight), target
 
     def update(self, preds: AtomicDataDict.Type, target: AtomicDataDict.Type) -> None:
         if K.E2IP_COMMITTEE_FORCES_KEY not in preds:
@@ -191,8 +193,10 @@ class CommitteeLossMetric(_MeanLossMetric):
                            "in the model (nequip_ext.EvidentialNequIPGNNModel)")
         f = preds[K.E2IP_COMMITTEE_FORCES_KEY]
         members = f.reshape(f.shape[0], -1, 3).to(torch.float64)
-        loss = committee_loss(members, target[AtomicDataDict.FORCE_KEY].to(torch.float64), self.force_rms,
-                              nll_weight=self.nll_weight)
+        y = target[AtomicDataDict.FORCE_KEY].to(torch.float64)
+        if self.target == "residual":  # members model the error of γ around it: y − γ, γ detached
+            y = y - preds[AtomicDataDict.FORCE_KEY].detach().to(torch.float64)
+        loss = committee_loss(members, y, self.force_rms, nll_weight=self.nll_weight)
         e2ip_plugins.check_finite(loss, "committee loss")
         self._accumulate(loss)
 
@@ -212,6 +216,7 @@ def EvidentialEnergyForceLoss(
     eip_q: float = 0.5,
     type_names: Optional[List[str]] = None,
     extra_metrics: Optional[List[Dict[str, Any]]] = None,
+    committee_target: str = "forces",
 ) -> MetricsManager:
     """:func:`nequip.train.EnergyForceLoss` plus an ``evidential`` term (coefficient ``coeffs.evidential``).
 
@@ -222,7 +227,7 @@ def EvidentialEnergyForceLoss(
     regulariser's residual dimensionless. ``coeffs.energy_noise`` (optional) adds the coherent energy/force
     NLL of the energy-noise head (:class:`EnergyNoiseLossMetric`; the model needs ``uq_head.energy_noise``);
     ``coeffs.committee`` (optional) the in-model committee's loss (:class:`CommitteeLossMetric`; the model needs
-    ``uq_head.committee``).
+    ``uq_head.committee``); ``committee_target: residual`` makes its members fit y − γ (γ detached) instead of y.
     """
     coeffs = dict(coeffs)
     noise_coeff = coeffs.pop("energy_noise", None)
@@ -231,7 +236,7 @@ def EvidentialEnergyForceLoss(
     committee_coeff = coeffs.pop("committee", None)
     if committee_coeff is not None:
         extra.append({"name": "committee", "field": None, "coeff": committee_coeff,
-                      "metric": CommitteeLossMetric(force_rms=force_rms)})
+                      "metric": CommitteeLossMetric(force_rms=force_rms, target=committee_target)})
     ev = {
         "name": "evidential",
         "field": None,
@@ -296,6 +301,7 @@ def UQMetrics(
     eip_q: float = 0.5,
     type_names: Optional[List[str]] = None,
     extra_metrics: Optional[List[Dict[str, Any]]] = None,
+    committee_target: str = "forces",
 ) -> MetricsManager:
     """:func:`nequip.train.EnergyForceMetrics` (energy/force RMSE, MAE, max error) plus the DESIGN §4
     UQ metrics, logged as ``val0_epoch/forces_nll``, ``test0_epoch/forces_spearman``, ….

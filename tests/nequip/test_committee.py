@@ -52,6 +52,22 @@ def test_loss_term_is_the_core_loss_and_reaches_the_backbone():
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "convnet" in n)
 
 
+def test_residual_target_is_the_core_loss_on_y_minus_detached_gamma():
+    """``committee_target: residual``: the members fit y − γ with γ detached (no gradient through the forces)."""
+    from nequip_ext.train import CommitteeLossMetric
+
+    m = _model()
+    m.train()
+    batch = AtomicDataDict.batched_from_list(_graphs(2))
+    pred = m(dict(batch))
+    got = CommitteeLossMetric(force_rms=0.5, target="residual")(pred, batch)
+    members = pred[K.E2IP_COMMITTEE_FORCES_KEY].reshape(-1, M, 3)
+    y = batch[AtomicDataDict.FORCE_KEY] - pred[AtomicDataDict.FORCE_KEY].detach()
+    torch.testing.assert_close(got, committee_loss(members, y, 0.5).mean())
+    with pytest.raises(ValueError, match="committee_target"):
+        CommitteeLossMetric(target="energy")
+
+
 def test_missing_committee_is_named():
     from nequip_ext.train import CommitteeLossMetric
 
