@@ -3,13 +3,17 @@ peak memory, eager and deployed, as ratios e2ip / plain measured in the same run
 
     python -m benchmarks.cost --backbone mace   --profile realistic --device cpu --dtype float32 float64 \\
         --atoms 1000 10000 --out /tmp/cost                # run each backbone with its own venv's python
+    .venv-nequip/bin/python -m benchmarks.cost --backbone allegro --profile realistic --out /tmp/cost   # Allegro
     python -m benchmarks.cost --report /tmp/cost/cost_mace.json /tmp/cost/cost_nequip.json --out DIR
 
 Models are untrained (one epoch on ``--train-frames`` frames, cost does not depend on training) and built
 through the public CLIs with identical backbone flags for both methods (:class:`benchmarks.common.backends.Backend`):
 ``mace_run_train`` / ``mace_run_train_e2ip`` (which write ``.model`` and the TorchScript ``_compiled.model``),
 ``nequip-train`` with ``benchmarks/configs/nequip_plain.yaml`` / ``configs/nequip/e2ip.yaml``, then
-``nequip-compile --mode aotinductor`` with target ``ase`` (plain) / ``e2ip_ase`` (e2ip).
+``nequip-compile --mode aotinductor`` with target ``ase`` (plain) / ``e2ip_ase`` (e2ip). Allegro (issue 28):
+NequIP's route with ``benchmarks/configs/allegro_plain.yaml`` / ``configs/nequip/allegro_e2ip.yaml`` (the
+backend of :mod:`benchmarks.scalar_backbones`) and the profile's ``model`` sizes as Hydra overrides of
+``training_module.model`` (the e²IP modules keep the shipped config's sizes); loaded and timed as NequIP.
 
 Structures: a periodic box of molecules from the dev file (randomly rotated on a cubic grid, rejection at
 ``DMIN`` Å, liquid density ``DENSITY`` g/cm³). Inference = one ASE ``calculate`` (neighbour list included),
@@ -46,17 +50,39 @@ _MACE_R = dict(channels=128, max_L=1, max_ell=3, layers=2, correlation=3, r_max=
 _NEQUIP_R = dict(channels=64, max_L=2, layers=4, r_max=5.0, batch_size=5, lr=0.01)
 _MACE_Q = dict(channels=16, max_L=1, max_ell=2, layers=2, correlation=2, r_max=4.0, batch_size=5, lr=0.01)
 _NEQUIP_Q = dict(channels=16, max_L=1, layers=2, r_max=4.0, batch_size=5, lr=0.01)
+# a small production Allegro (issue 28's choice): 2 layers, l_max 2, 64 scalar / 16 tensor features, MLP widths
+# = num_scalar_features as AllegroModel's docstring advises, depths as the configs (1); `model` = overrides of
+# training_module.model in both Allegro configs
+_ALLEGRO_R = dict(r_max=5.0, batch_size=5, lr=0.01, model=dict(
+    l_max=2, num_layers=2, num_scalar_features=64, num_tensor_features=16, radial_chemical_embed_dim=64,
+    scalar_embed_mlp_hidden_layers_width=64, allegro_mlp_hidden_layers_width=64, readout_mlp_hidden_layers_width=64))
+_ALLEGRO_Q = dict(r_max=4.0, batch_size=5, lr=0.01, model={})  # the configs' own tiny model
 COST_PROFILES: Dict[str, Dict[str, Any]] = {
     # the issue's sizes: NequIP 64 features, l_max 2, 4 layers; MACE 128x0e+128x1o, max_L 1, 2 interactions, ν = 3
-    "realistic": dict(backbones={"mace": _MACE_R, "nequip": _NEQUIP_R}, atoms=[1000, 10000], repeats=3,
-                      train_repeats=5, batch=5, deployed_atoms=[1000, 10000]),
+    "realistic": dict(backbones={"mace": _MACE_R, "nequip": _NEQUIP_R, "allegro": _ALLEGRO_R}, atoms=[1000, 10000],
+                      repeats=3, train_repeats=5, batch=5, deployed_atoms=[1000, 10000]),
     # the backbones of benchmarks.common.profiles "quick" (16 channels, l <= 1, 2 layers)
-    "quick": dict(backbones={"mace": _MACE_Q, "nequip": _NEQUIP_Q}, atoms=[1000], repeats=7, train_repeats=7,
-                  batch=5, deployed_atoms=[1000]),
+    "quick": dict(backbones={"mace": _MACE_Q, "nequip": _NEQUIP_Q, "allegro": _ALLEGRO_Q}, atoms=[1000], repeats=7,
+                  train_repeats=7, batch=5, deployed_atoms=[1000]),
     # seconds-scale plumbing check (tests): tiny models, ~40 atoms, no deployed path
-    "smoke": dict(backbones={"mace": dict(_MACE_Q, channels=4), "nequip": dict(_NEQUIP_Q, channels=4)},
+    "smoke": dict(backbones={"mace": dict(_MACE_Q, channels=4), "nequip": dict(_NEQUIP_Q, channels=4),
+                             "allegro": _ALLEGRO_Q},
                   atoms=[40], repeats=2, train_repeats=2, batch=2, deployed_atoms=[]),
 }
+
+
+def cost_backend(name: str, settings: Dict[str, Any]):
+    """The backend that trains ``name``'s models: Allegro = :mod:`benchmarks.scalar_backbones`' (the Allegro configs)
+    with ``settings['model']`` appended as ``training_module.model.<key>=<value>`` overrides."""
+    if name != "allegro":
+        return make_backend(name, settings)
+    from .scalar_backbones import _backend
+
+    backend = _backend("allegro", settings)
+    train_cmd = backend.train_cmd
+    sizes = [f"training_module.model.{k}={v}" for k, v in settings.get("model", {}).items()]
+    backend.train_cmd = lambda method, *args: train_cmd(method, *args) + sizes
+    return backend
 
 
 def log(msg: str) -> None:
@@ -183,7 +209,7 @@ class CostRun:
 
     def build(self, dtype: str, deployed: bool) -> Dict[str, Dict[str, str]]:
         """Train plain and e2ip for one epoch through the CLIs (and compile NequIP); returns artefact paths."""
-        backend = make_backend(self.a.backbone, self.settings(dtype))
+        backend = cost_backend(self.a.backbone, self.settings(dtype))
         files = self.data_files()
         arts: Dict[str, Dict[str, str]] = {}
         for method in ("plain", "e2ip"):
@@ -194,7 +220,7 @@ class CostRun:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 run_dir.mkdir(parents=True)
                 cmd = backend.train_cmd(method, run_dir, name, 0, files, 1, DATA)
-                if self.a.backbone == "nequip":
+                if self.a.backbone != "mace":
                     cmd = [c for c in cmd if "profiler" not in c]
                 log(f"build {self.a.backbone} {dtype} {method}: train")
                 r = run_capped(cmd, run_dir / "train.log", self.a.build_cap, None, self.env)
@@ -208,7 +234,7 @@ class CostRun:
                 pt2 = run_dir / f"{name}.nequip.pt2"
                 if not pt2.exists():
                     target = "ase" if method == "plain" else "e2ip_ase"
-                    log(f"build nequip {dtype} {method}: nequip-compile --target {target}")
+                    log(f"build {self.a.backbone} {dtype} {method}: nequip-compile --target {target}")
                     cmd = [_bin("nequip-compile"), str(art), str(pt2), "--mode",
                            "aotinductor", "--device", self.device.split(":")[0], "--target", target]
                     r = run_capped(cmd, run_dir / "compile.log", self.a.build_cap, None, self.env)
@@ -305,7 +331,7 @@ def collect(run_dir: Path, backbone: str, profile: str, threads: int, device: st
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", choices=("mace", "nequip"))
+    p.add_argument("--backbone", choices=("mace", "nequip", "allegro"))
     p.add_argument("--profile", choices=sorted(COST_PROFILES), default="realistic")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--dtype", nargs="+", default=["float32", "float64"])

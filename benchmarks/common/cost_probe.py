@@ -16,6 +16,8 @@ deployed   the same calculators on ``torch.jit.load`` of the     ``NequIPCalcula
            ``_compiled.model`` files MACE's run wrote            ``ase``) / ``E2IPNequIPCalculator.`` (``e2ip_ase``)
 =========  ====================================================  ==============================================
 
+Allegro (``backbone: allegro``) is a NequIP model: NequIP's loaders, module hooks and training step.
+
 Prints one JSON line prefixed ``COSTPROBE``.
 """
 
@@ -31,6 +33,11 @@ from .backends import SPECIES, make_backend
 from .memprobe import _peak, _reset_peak, _status
 
 
+def family(backbone: str) -> str:
+    """``mace`` or ``nequip``: the framework whose loaders and modules ``backbone`` uses (Allegro: NequIP's)."""
+    return "mace" if backbone == "mace" else "nequip"
+
+
 def setup_threads(spec: Dict[str, Any]) -> None:
     import torch
 
@@ -41,7 +48,7 @@ def setup_threads(spec: Dict[str, Any]) -> None:
 def load(spec: Dict[str, Any], method: str, path: str):
     """An ASE calculator for ``method`` (plain | e2ip) on ``path``: eager through the benchmark's own loaders
     (:meth:`benchmarks.common.backends.Backend.load`), deployed on the compiled artefacts."""
-    art, device, backbone = spec["artifacts"][method], spec["device"], spec["backbone"]
+    art, device, backbone = spec["artifacts"][method], spec["device"], family(spec["backbone"])
     if path == "eager":
         return make_backend(backbone, {"dtype": spec["dtype"]}).load(method, [art["model"]], device).calcs[0]
     if backbone == "mace":
@@ -129,7 +136,7 @@ def module_share(spec: Dict[str, Any]) -> Dict[str, Any]:
             spans[name][-1] += time.perf_counter()
         return pre, post
 
-    if spec["backbone"] == "nequip":
+    if family(spec["backbone"]) == "nequip":
         for name, mod in calc.model.model.func.named_children():
             pre, post = timed(name)
             mod.register_forward_pre_hook(pre)
@@ -156,7 +163,7 @@ def module_share(spec: Dict[str, Any]) -> Dict[str, Any]:
     spans.clear()
     calls = [calculate(calc, atoms, spec["device"]) for _ in range(spec["repeats"])]
     per_call = {k: sum(v) / len(calls) for k, v in spans.items()}
-    e2ip = (sum(per_call[n] for n in e2ip_names) if spec["backbone"] == "nequip"
+    e2ip = (sum(per_call[n] for n in e2ip_names) if family(spec["backbone"]) == "nequip"
             else per_call["forward"] - per_call["backbone"])
     total = sum(calls) / len(calls)
     return {"atoms": len(atoms), "calculate_s": total, "e2ip_s": e2ip, "share": e2ip / total,
@@ -260,8 +267,9 @@ def _nequip_step_factory(spec, method, frames):
     coeffs = {"total_energy": 1.0, "forces": 1.0}
     if method == "plain":
         loss_fn = EnergyForceLoss(coeffs=coeffs, per_atom_energy=True, type_names=names)
-    else:  # configs/nequip/e2ip.yaml: evidential 0.1, reg 0.1
-        loss_fn = EvidentialEnergyForceLoss(coeffs={**coeffs, "evidential": 0.1}, reg_weight=0.1, type_names=names)
+    else:  # configs/nequip/e2ip.yaml: evidential 0.1, reg 0.1; allegro_e2ip.yaml also detach_mean
+        loss_fn = EvidentialEnergyForceLoss(coeffs={**coeffs, "evidential": 0.1}, reg_weight=0.1, type_names=names,
+                                            detach_mean=spec["backbone"] == "allegro")
     loss_fn = loss_fn.to(spec["device"])
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
 
