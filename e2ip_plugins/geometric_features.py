@@ -24,6 +24,19 @@ import torch
 from ._e3nn import o3
 
 
+def bessel_basis(r: torch.Tensor, freqs: torch.Tensor, r_max: float) -> torch.Tensor:
+    """sqrt(2/r_max)·sin(f_n r/r_max)/r for the frequencies f_n = nπ, (E, num_basis)."""
+    x = (r / r_max).unsqueeze(-1)
+    return math.sqrt(2.0 / r_max) * torch.sin(freqs * x) / r.unsqueeze(-1).clamp_min(1e-9)
+
+
+def polynomial_envelope(r: torch.Tensor, r_max: float) -> torch.Tensor:
+    """1 − 28x⁶ + 48x⁷ − 21x⁸ for x = r/r_max < 1, else 0: value and first two derivatives vanish at r_max."""
+    x = r / r_max
+    f = 1.0 - 28.0 * x.pow(6) + 48.0 * x.pow(7) - 21.0 * x.pow(8)
+    return torch.where(x < 1.0, f, torch.zeros_like(f))
+
+
 class GeometricFeatures(torch.nn.Module):
     """(node scalars (N, F), centre (E,), neighbour (E,), edge vectors r_j − r_i (E, 3)) → (N, F + 3K + 5K)."""
 
@@ -47,14 +60,11 @@ class GeometricFeatures(torch.nn.Module):
 
     def radial(self, r: torch.Tensor) -> torch.Tensor:
         """Bessel basis sqrt(2/r_max)·sin(nπ r/r_max)/r, (E, num_basis)."""
-        x = (r / self.r_max).unsqueeze(-1)
-        return math.sqrt(2.0 / self.r_max) * torch.sin(self.freqs * x) / r.unsqueeze(-1).clamp_min(1e-9)
+        return bessel_basis(r, self.freqs, self.r_max)
 
     def envelope(self, r: torch.Tensor) -> torch.Tensor:
         """Polynomial cutoff (p = 6): 1 − 28x⁶ + 48x⁷ − 21x⁸ for x = r/r_max < 1, else 0 (C² at r_max)."""
-        x = r / self.r_max
-        f = 1.0 - 28.0 * x.pow(6) + 48.0 * x.pow(7) - 21.0 * x.pow(8)
-        return torch.where(x < 1.0, f, torch.zeros_like(f))
+        return polynomial_envelope(r, self.r_max)
 
     def forward(self, node_scalars: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
                 edge_vectors: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from e3nn import o3
 from nequip.data import AtomicDataDict
 from nequip.nn import GraphModuleMixin, with_edge_vectors_
 
+from e2ip_plugins.edge_committee import EdgeForceCommittee
 from e2ip_plugins.geometric_features import GeometricFeatures
 
 from . import _keys as K
@@ -87,6 +88,15 @@ def uq_site(seq) -> Dict[str, Any]:
                 scalar=is_scalar(seq._modules[last].irreps_in.get(nf)))
 
 
+def scalar_columns(irreps, field: str, reader: str):
+    """Indices of the 0e channels of ``irreps`` (an l ≥ 1 backbone: its scalars; 0o would flip under inversion)."""
+    cols = [i for (_, ir), sl in zip(irreps, irreps.slices()) if ir == o3.Irrep("0e")
+            for i in range(sl.start, sl.stop)]
+    if not cols:
+        raise ValueError(f"{reader} reads invariant (0e) features, but {field} has irreps {irreps}")
+    return cols
+
+
 class E2IPGeometricModule(GraphModuleMixin, torch.nn.Module):
     """l = 1 / l = 2 node features from the geometry, weighted by learned invariants (module docstring).
 
@@ -116,11 +126,7 @@ class E2IPGeometricModule(GraphModuleMixin, torch.nn.Module):
         if irreps_in.get(self.field, None) is None:
             raise ValueError(f"E2IPGeometricModule reads {self.field!r}, which the preceding modules do not provide")
         irreps = o3.Irreps(irreps_in[self.field])
-        # the 0e channels only (an l ≥ 1 backbone with uq_head.geometric: its scalars; 0o would flip under inversion)
-        cols = [i for (_, ir), sl in zip(irreps, irreps.slices()) if ir == o3.Irrep("0e")
-                for i in range(sl.start, sl.stop)]
-        if not cols:
-            raise ValueError(f"E2IPGeometricModule reads invariant (0e) features, but {self.field} has irreps {irreps}")
+        cols = scalar_columns(irreps, self.field, type(self).__name__)
         self.select = len(cols) != irreps.dim
         self.register_buffer("scalar_columns", torch.tensor(cols, dtype=torch.long), persistent=False)
         self.geometric = GeometricFeatures(len(cols), r_max, num_channels=num_channels, num_basis=num_basis,
@@ -150,4 +156,36 @@ class E2IPGeometricModule(GraphModuleMixin, torch.nn.Module):
             h = x
         # NequIP keeps the geometry in float64 and the features in the model dtype: the weights are features
         data[self.out_field] = self.geometric(h, edge_index[0], edge_index[1], vectors.to(h.dtype))
+        return data
+
+
+class E2IPEdgeCommitteeModule(GraphModuleMixin, torch.nn.Module):
+    """Edge-based force committee (:class:`e2ip_plugins.edge_committee.EdgeForceCommittee`, issue 26, opt-in via
+    ``uq_head.committee.kind: edge``) on the 0e channels of ``field`` and NequIP's edges (centre
+    ``edge_index[0]``, r_j − r_i); writes ``e2ip_committee_forces`` (N, 3M), irreps M×1o, like the node-wise one."""
+
+    detach_input: bool
+
+    def __init__(self, irreps_in, r_max: float, field: str = AtomicDataDict.NODE_FEATURES_KEY,
+                 avg_num_neighbors: float = 10.0, **committee):
+        super().__init__()
+        self.field = field
+        self.detach_input = False
+        irreps = o3.Irreps(irreps_in[field])
+        cols = scalar_columns(irreps, field, type(self).__name__)
+        self.register_buffer("scalar_columns", torch.tensor(cols, dtype=torch.long), persistent=False)
+        members = int(committee.get("num_members", 8))
+        self.committee = EdgeForceCommittee(len(cols), r_max, avg_num_neighbors=avg_num_neighbors, **committee)
+        self._init_irreps(irreps_in=irreps_in, required_irreps_in=[field],
+                          irreps_out={K.E2IP_COMMITTEE_FORCES_KEY: f"{members}x1o"})
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        data = with_edge_vectors_(data, with_lengths=False)
+        edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
+        h = data[self.field].index_select(1, self.scalar_columns)
+        vectors = data[AtomicDataDict.EDGE_VECTORS_KEY]
+        if self.training and self.detach_input:
+            h, vectors = h.detach(), vectors.detach()
+        f = self.committee(h, edge_index[0], edge_index[1], vectors.to(h.dtype))
+        data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)
         return data

@@ -47,7 +47,7 @@ from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
-from .geometric import GEOMETRIC_MODULE_NAME, E2IPGeometricModule, geometric_options, uq_site
+from .geometric import GEOMETRIC_MODULE_NAME, E2IPEdgeCommitteeModule, E2IPGeometricModule, geometric_options, uq_site
 from .nn import (E2IPCommitteeModule, E2IPFeatureTap, E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule, E2IPHeadModule,
                  E2IPNoveltyModule, EIPHeadModule)
 
@@ -135,6 +135,7 @@ def attach_uq_head(
             seq._modules[name].detach_input = detach
     if committee_enabled:  # issue 26 (opt-in): direct force members on the head's input features
         committee.setdefault("force_rms", float(cfg.get("force_rms") or _default_force_rms(per_type_energy_scales)))
+        edge = committee.pop("kind", "node") == "edge"  # edge-based members (e2ip_plugins.edge_committee)
         depth = committee.pop("extra_depth", None)  # also read the output of convnet number `depth` (0-based)
         depth_field = None
         if depth is not None:
@@ -148,8 +149,15 @@ def attach_uq_head(
         irreps = dict(seq._modules[before].irreps_in)
         if depth_field is not None:  # the modules between the tap and here were built without its field
             irreps[depth_field] = seq._modules[COMMITTEE_MODULE_NAME + "_tap"].irreps_out[depth_field]
-        seq.insert(COMMITTEE_MODULE_NAME,
-                   E2IPCommitteeModule(irreps_in=irreps, field=field, depth_field=depth_field, **committee),
+        if edge:
+            if r_max is None or depth is not None:
+                raise ValueError("uq_head.committee.kind: edge needs the model's r_max and takes no extra_depth")
+            n_bar = backbone_neighbors(seq)
+            module = E2IPEdgeCommitteeModule(irreps_in=irreps, r_max=float(r_max), field=field,
+                                             avg_num_neighbors=10.0 if n_bar is None else n_bar, **committee)
+        else:
+            module = E2IPCommitteeModule(irreps_in=irreps, field=field, depth_field=depth_field, **committee)
+        seq.insert(COMMITTEE_MODULE_NAME, module,
                    before=before)
     if getattr(head, "novelty_enabled", False):
         opts = {k: v for k, v in dict(cfg.get("novelty") or {}).items() if k != "enabled"}
