@@ -71,8 +71,16 @@ class GeometricFeatures(torch.nn.Module):
         n = node_scalars.shape[0]
         k = self.num_channels
         r = torch.linalg.norm(edge_vectors, dim=-1)
-        x = torch.cat([node_scalars[center], node_scalars[neighbor], self.radial(r)], dim=-1)
-        w = self.mlp(x) * (self.envelope(r) * self.norm).unsqueeze(-1)  # (E, 2K)
+        # first layer W·[h_i, h_j, B] + b = (W_i h)_i + (W_j h)_j + W_B B + b: the node blocks are applied per atom,
+        # then gathered, so the per-edge work is the radial block and the hidden layers (same parameters)
+        first = self.mlp[0]
+        f = self.num_scalars
+        w_i, w_j, w_b = first.weight[:, :f], first.weight[:, f:2 * f], first.weight[:, 2 * f:]
+        x = (torch.nn.functional.linear(node_scalars, w_i)[center]
+             + torch.nn.functional.linear(node_scalars, w_j)[neighbor]
+             + torch.nn.functional.linear(self.radial(r), w_b, first.bias))
+        w = self.mlp[4](self.mlp[3](self.mlp[2](self.mlp[1](x))))
+        w = w * (self.envelope(r) * self.norm).unsqueeze(-1)  # (E, 2K)
         sh = self.sh(edge_vectors)  # (E, 3 + 5): Y¹, Y² of r̂_ij
         y1, y2 = sh[:, :3], sh[:, 3:]
         v = (w[:, :k].unsqueeze(-1) * y1.unsqueeze(1)).reshape(-1, 3 * k)  # (E, K*3): K×1o, mul-major
