@@ -61,3 +61,21 @@ def test_config_without_seed_is_refused(tmp_path):
     cfg = al.workspace(tmp_path, "nequip", str(bad), ARGS)
     res = al.run(cfg, tmp_path / "work", timeout=120)
     assert res.returncode == 2 and "top-level `seed:`" in res.stderr
+
+
+def test_loop_with_the_allegro_config(tmp_path):
+    """Issue 28: the loop on ``configs/nequip/allegro_e2ip.yaml`` (Allegro + geometric e²IP head): trains, selects
+    by the Allegro model's max u, labels with GFN2-xTB and fine-tunes through ModelFromCheckpoint."""
+    c = str(al.REPO / "configs" / "nequip" / "allegro_e2ip.yaml")
+    cfg = al.workspace(tmp_path, "nequip", c, ARGS, train={"config": c, "args": ARGS, "mode": "finetune"},
+                       label={"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}},
+                       select={"budget": 3, "trust_lo": {"quantile": 0.5}, "min_distance": 0.0, "order": "diverse"})
+    work = tmp_path / "work"
+    res = al.run(cfg, work)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rep0 = al.check_finished_run(work, iterations=1, budget=3, selector="e2ip")
+    assert rep0["labelled"] == rep0["selected"] == 3
+    cmd1 = (work / "iter_1" / "train" / "member_0" / "train.log").read_text().splitlines()[0]
+    assert "allegro_e2ip" in cmd1 and "nequip.model.ModelFromCheckpoint" in cmd1
+    rep1 = json.loads((work / "iter_1" / "report.json").read_text())
+    assert np.isfinite(rep1["held_out"]["test"]["model"]["forces_mae"])
