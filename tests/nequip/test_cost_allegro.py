@@ -21,7 +21,9 @@ def test_allegro_train_cmd_carries_the_profile_sizes(tmp_path):
 
 
 def test_allegro_cost_smoke(tmp_path):
+    shipped = str(cost.REPO / "e2ip_plugins" / "data" / "iso7_train.xyz")  # the repo's own data, not ../shared
     cost.main(["--backbone", "allegro", "--profile", "smoke", "--dtype", "float32", "--paths", "eager", "--no-memory",
+               "--dev-file", shipped,
                "--no-training", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "cost_allegro.json").read_text())
     assert res["backbone"] == "allegro" and res["settings"]["model"] == {}
