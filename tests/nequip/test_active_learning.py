@@ -15,14 +15,20 @@ pytest.importorskip("tblite.ase", reason="the active-learning tests label with G
 ARGS = ["run=[train]", "max_epochs=1", "batch_size=5"]
 
 
-def test_loop_end_to_end_with_finetuning(tmp_path):
-    cfg = al.workspace(tmp_path, "nequip", str(al.REPO / "configs" / "nequip" / "e2ip.yaml"), ARGS,
-                       train={"config": str(al.REPO / "configs" / "nequip" / "e2ip.yaml"), "args": ARGS, "mode": "finetune"},
+def _finetuning_loop(tmp_path, config_name: str):
+    """Two iterations of the loop on ``configs/nequip/<config_name>.yaml``: budget 3, GFN2-xTB labels, fine-tuning."""
+    c = str(al.REPO / "configs" / "nequip" / f"{config_name}.yaml")
+    cfg = al.workspace(tmp_path, "nequip", c, ARGS, train={"config": c, "args": ARGS, "mode": "finetune"},
                        label={"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}},
                        select={"budget": 3, "trust_lo": {"quantile": 0.5}, "min_distance": 0.0, "order": "diverse"})
     work = tmp_path / "work"
     res = al.run(cfg, work)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return cfg, work
+
+
+def test_loop_end_to_end_with_finetuning(tmp_path):
+    cfg, work = _finetuning_loop(tmp_path, "e2ip")
     rep0 = al.check_finished_run(work, iterations=1, budget=3, selector="e2ip")
     assert rep0["labelled"] == rep0["selected"] == 3
     assert rep0["models"][0].endswith("best.ckpt")
@@ -66,13 +72,7 @@ def test_config_without_seed_is_refused(tmp_path):
 def test_loop_with_the_allegro_config(tmp_path):
     """Issue 28: the loop on ``configs/nequip/allegro_e2ip.yaml`` (Allegro + geometric e²IP head): trains, selects
     by the Allegro model's max u, labels with GFN2-xTB and fine-tunes through ModelFromCheckpoint."""
-    c = str(al.REPO / "configs" / "nequip" / "allegro_e2ip.yaml")
-    cfg = al.workspace(tmp_path, "nequip", c, ARGS, train={"config": c, "args": ARGS, "mode": "finetune"},
-                       label={"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}},
-                       select={"budget": 3, "trust_lo": {"quantile": 0.5}, "min_distance": 0.0, "order": "diverse"})
-    work = tmp_path / "work"
-    res = al.run(cfg, work)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _, work = _finetuning_loop(tmp_path, "allegro_e2ip")
     rep0 = al.check_finished_run(work, iterations=1, budget=3, selector="e2ip")
     assert rep0["labelled"] == rep0["selected"] == 3
     cmd1 = (work / "iter_1" / "train" / "member_0" / "train.log").read_text().splitlines()[0]
