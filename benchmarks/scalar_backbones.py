@@ -67,6 +67,7 @@ def run_variant(args) -> Path:
 
     from .common.evaluation import frame_index, isotropic, predict_sets, read_sets
     from .common.profiles import get_profile
+    from .common.tail_shape import nu_shift_table
     from .common.training import train_all
 
     torch.set_num_threads(1)
@@ -106,9 +107,12 @@ def run_variant(args) -> Path:
         results["methods"].setdefault("plain", {})[f"seed{r['seed']}"] = {
             "deployed": {s: {"forces_mae": float((y - m).abs().mean()), "forces_rmse": float((y - m).pow(2).mean().sqrt())}
                          for s, (y, m, _) in preds.items()}}
+    tails: Dict[str, Any] = {}
     for label, runs in head_runs.items():
         for r in runs:
             preds = predict_sets(backend, backend.load("e2ip", [r["artifact"]], "cpu"), sets, fk)
+            if args.tail_check:
+                tails[r["name"]] = nu_shift_table(preds)
             entry = {"deployed": _scores(preds, manifest, frames, "raw")}
             for s, (y, m, _) in preds.items():
                 entry["deployed"][s]["forces_mae"] = float((y - m).abs().mean())
@@ -116,7 +120,7 @@ def run_variant(args) -> Path:
         results["train_cpu_s"][label] = [r["cpu_s"] for r in runs]
     results["train_cpu_s"]["plain"] = [r["cpu_s"] for r in plain_runs]
     if args.tail_check:
-        _tail_check(backend, head_runs, sets, fk, out, args.variant)
+        _write_tail_check(tails, out, args.variant)
     ens = predict_sets(backend, backend.load("ensemble", [r["artifact"] for r in plain_runs], "cpu"), sets, fk)
     ens = {name: (y, mean, isotropic(pred)) for name, (y, mean, pred) in ens.items()}
     entry = {"deployed": _scores(ens, manifest, frames, "recal")}
@@ -129,13 +133,11 @@ def run_variant(args) -> Path:
     return path
 
 
-def _tail_check(backend, head_runs, sets, fk, out: Path, variant: str) -> None:
-    """ν-shift diagnostic of :mod:`benchmarks.common.tail_shape` on every e²IP run (val chooses; not deployed)."""
-    from .common.evaluation import predict_sets
-    from .common.tail_shape import markdown, nu_shift_table
+def _write_tail_check(tables: Dict[str, Any], out: Path, variant: str) -> None:
+    """tail_<variant>.json / .md: the ν-shift tables of :mod:`benchmarks.common.tail_shape` per e²IP run (val
+    chooses the shift; not deployed)."""
+    from .common.tail_shape import markdown
 
-    tables = {r["name"]: nu_shift_table(predict_sets(backend, backend.load("e2ip", [r["artifact"]], "cpu"), sets, fk))
-              for runs in head_runs.values() for r in runs}
     (out / f"tail_{variant}.json").write_text(json.dumps(tables, indent=1))
     md = markdown(tables)
     (out / f"tail_{variant}.md").write_text(f"# ν shift refitted on validation ({variant}; not deployed)\n\n{md}")

@@ -29,7 +29,7 @@ class EdgeForceCommittee(torch.nn.Module):
 
     def __init__(self, num_scalars: int, r_max: float, num_members: int = 8, mlp_hidden: int = 16,
                  num_basis: int = 8, avg_num_neighbors: float = 10.0, force_rms: float = 1.0, seed: int = 0,
-                 **unused):
+                 num_channels: int = 0):  # num_channels: the node-wise committee's option, accepted and unused here
         super().__init__()
         if num_members < 2:
             raise ValueError(f"a committee needs num_members >= 2, got {num_members}")

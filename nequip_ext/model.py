@@ -148,7 +148,7 @@ def attach_uq_head(
             depth_field = tap.out_field
         irreps = dict(seq._modules[before].irreps_in)
         if depth_field is not None:  # the modules between the tap and here were built without its field
-            irreps[depth_field] = seq._modules[COMMITTEE_MODULE_NAME + "_tap"].irreps_out[depth_field]
+            irreps[depth_field] = tap.irreps_out[depth_field]
         if edge:
             if r_max is None or depth is not None:
                 raise ValueError("uq_head.committee.kind: edge needs the model's r_max and takes no extra_depth")

@@ -102,9 +102,9 @@ def test_two_depth_members_rotate_and_read_the_earlier_convnet():
         nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head=dict(HEAD, committee=dict(HEAD["committee"], extra_depth=0)))
 
 
-def test_edge_members_rotate_permute_and_feed_the_loss():
-    """``kind: edge``: members F_i^k = Σ_j a_ij^k r̂_ij rotate as R F, permute with the atoms, differ from each
-    other, and the loss term reaches them and the convnets."""
+def test_edge_members_rotate_and_feed_the_loss():
+    """``kind: edge``: members F_i^k = Σ_j a_ij^k r̂_ij rotate as R F, differ from each other, and the loss term
+    reaches them and the convnets."""
     from nequip_ext.train import CommitteeLossMetric
 
     head = dict(HEAD, committee=dict(HEAD["committee"], kind="edge", mlp_hidden=8))
