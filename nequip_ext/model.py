@@ -47,6 +47,7 @@ from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
+from .block_committee import E2IPBlockCommitteeModule
 from .geometric import GEOMETRIC_MODULE_NAME, E2IPEdgeCommitteeModule, E2IPGeometricModule, geometric_options, uq_site
 from .nn import (E2IPCommitteeModule, E2IPFeatureTap, E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule, E2IPHeadModule,
                  E2IPNoveltyModule, EIPHeadModule)
@@ -135,7 +136,10 @@ def attach_uq_head(
             seq._modules[name].detach_input = detach
     if committee_enabled:  # issue 26 (opt-in): direct force members on the head's input features
         committee.setdefault("force_rms", float(cfg.get("force_rms") or _default_force_rms(per_type_energy_scales)))
-        edge = committee.pop("kind", "node") == "edge"  # edge-based members (e2ip_plugins.edge_committee)
+        member_kind = committee.pop("kind", "node")
+        if member_kind not in ("node", "edge", "block"):
+            raise ValueError(f"uq_head.committee.kind must be node, edge or block, got {member_kind!r}")
+        edge = member_kind == "edge"  # edge-based members (e2ip_plugins.edge_committee)
         depth = committee.pop("extra_depth", None)  # also read the output of convnet number `depth` (0-based)
         depth_field = None
         if depth is not None:
@@ -149,7 +153,14 @@ def attach_uq_head(
         irreps = dict(seq._modules[before].irreps_in)
         if depth_field is not None:  # the modules between the tap and here were built without its field
             irreps[depth_field] = tap.irreps_out[depth_field]
-        if edge:
+        if member_kind == "block":  # members with their own interaction block (nequip_ext.block_committee)
+            if depth is not None or field != AtomicDataDict.NODE_FEATURES_KEY:
+                raise ValueError("uq_head.committee.kind: block reads the backbone's node features before the last "
+                                 "convnet; it takes no extra_depth and needs an l >= 1 NequIP backbone")
+            n_bar = backbone_neighbors(seq)
+            module = E2IPBlockCommitteeModule(irreps_in=irreps, avg_num_neighbors=10.0 if n_bar is None else n_bar,
+                                              **committee)
+        elif edge:
             if r_max is None or depth is not None:
                 raise ValueError("uq_head.committee.kind: edge needs the model's r_max and takes no extra_depth")
             n_bar = backbone_neighbors(seq)

@@ -102,12 +102,14 @@ def test_two_depth_members_rotate_and_read_the_earlier_convnet():
         nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head=dict(HEAD, committee=dict(HEAD["committee"], extra_depth=0)))
 
 
-def test_edge_members_rotate_and_feed_the_loss():
-    """``kind: edge``: members F_i^k = Σ_j a_ij^k r̂_ij rotate as R F, differ from each other, and the loss term
-    reaches them and the convnets."""
+@pytest.mark.parametrize("kind,extra", [("edge", {"mlp_hidden": 8}), ("block", {})])
+def test_edge_and_block_members_rotate_and_feed_the_loss(kind, extra):
+    """``kind: edge`` (F_i^k = Σ_j a_ij^k r̂_ij) and ``kind: block`` (each member its own interaction block and
+    1o readout): members rotate as R F, differ from each other, and the loss term reaches them and the
+    backbone's convnets."""
     from nequip_ext.train import CommitteeLossMetric
 
-    head = dict(HEAD, committee=dict(HEAD["committee"], kind="edge", mlp_hidden=8))
+    head = dict(HEAD, committee=dict(HEAD["committee"], kind=kind, **extra))
     m = nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head=head)
     m.eval()
     g = _graphs(1)[0]
@@ -123,6 +125,12 @@ def test_edge_members_rotate_and_feed_the_loss():
     grads = {n: p.grad for n, p in m.named_parameters()}
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "uq_committee" in n)
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "convnet" in n)
+    if kind == "block":
+        assert all(any(g is not None and g.abs().sum() > 0 for n, g in grads.items()
+                       if f"uq_committee.members.{k}." in n) for k in range(M))
+        with pytest.raises(ValueError, match="committee.kind"):
+            nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head=dict(HEAD, committee=dict(HEAD["committee"],
+                                                                                           kind="blocks")))
 
 
 def test_edge_committee_core_matches_a_direct_sum():

@@ -1,0 +1,84 @@
+"""Committee members with their own interaction block (issue 26, opt-in ``uq_head.committee.kind: block``).
+
+The node-wise and edge-based committees (docs/committee.md) read one set of shared features, and their spread
+barely grows out of distribution. Here member k owns a whole (slim) NequIP interaction block on the features
+before the last convnet, then a direct force readout:
+
+    h_k,i = ConvNetLayer_k(h, edges)_i              K×0e + K×1o, its own radial MLP, TP weights, self-connection
+    F_k,i = σ_F · W_k h_k,i|1o                     one 1o vector: F(R·x) = R F(x)
+
+so members differ in how they pass messages, as the last layer of independently trained models would. The
+committee math (sample covariance, loss) is :mod:`e2ip_plugins.force_committee`; this file is the NequIP
+adapter that builds the members from NequIP's own ``ConvNetLayer``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from nequip.data import AtomicDataDict
+from nequip.nn import ConvNetLayer, GraphModuleMixin
+
+from e2ip_plugins._e3nn import o3
+
+from . import _keys as K
+
+
+class E2IPBlockCommitteeModule(GraphModuleMixin, torch.nn.Module):
+    """M members, each a ``ConvNetLayer`` (K×0e + K×1o out) and a linear 1o readout scaled by σ_F; writes
+    ``e2ip_committee_forces`` (N, 3M), irreps M×1o, like the node-wise committee.
+
+    Args:
+        irreps_in: irreps dict before the last convnet (node features, edge attrs/embedding, node attrs).
+        avg_num_neighbors: n̄ of the members' edge-sum normalisation (the backbone's).
+        num_members: M ≥ 2.  num_channels: K.  radial_mlp_width / radial_mlp_depth: each member's radial MLP.
+        force_rms: σ_F (eV/Å).  detach: members read the features cut from the graph in training (their loss
+        then trains only the members).
+    """
+
+    detach_input: bool
+
+    def __init__(self, irreps_in, avg_num_neighbors: float = 10.0, num_members: int = 4, num_channels: int = 8,
+                 radial_mlp_width: int = 16, radial_mlp_depth: int = 1, force_rms: float = 1.0,
+                 detach: bool = False, seed: Optional[int] = None, mlp_hidden: Optional[int] = None):
+        super().__init__()
+        if int(num_members) < 2:
+            raise ValueError(f"uq_head.committee.num_members must be >= 2, got {num_members}")
+        self.detach_input = bool(detach)
+        self.num_members = int(num_members)
+        self.force_rms = float(force_rms)
+        nf = AtomicDataDict.NODE_FEATURES_KEY
+        self._init_irreps(irreps_in=irreps_in, required_irreps_in=[nf],
+                          irreps_out={K.E2IP_COMMITTEE_FORCES_KEY: f"{self.num_members}x1o"})
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        hidden = o3.Irreps(f"{int(num_channels)}x0e+{int(num_channels)}x1o")
+        self.members = torch.nn.ModuleList()
+        self.readouts = torch.nn.ModuleList()
+        for _ in range(self.num_members):
+            block = ConvNetLayer(
+                irreps_in=self.irreps_in, feature_irreps_hidden=hidden,
+                convolution_kwargs={"radial_mlp_depth": int(radial_mlp_depth),
+                                    "radial_mlp_width": int(radial_mlp_width), "use_sc": True,
+                                    "is_first_layer": False, "avg_num_neighbors": float(avg_num_neighbors),
+                                    "type_names": None},
+            )
+            self.members.append(block)
+            self.readouts.append(o3.Linear(block.irreps_out[nf], o3.Irreps("1x1o")))
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        nf = AtomicDataDict.NODE_FEATURES_KEY
+        h = data[nf]
+        if self.training and self.detach_input:
+            h = h.detach()
+        forces = []
+        for block, readout in zip(self.members, self.readouts):
+            member = dict(data)  # the block writes node_features; the model's own stay untouched
+            member[nf] = h
+            member = block(member)
+            forces.append(self.force_rms * readout(member[nf]))
+        f = torch.stack(forces, dim=1)  # (N, M, 3)
+        data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)
+        return data
