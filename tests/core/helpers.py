@@ -27,3 +27,14 @@ def random_gaussian(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     mean = torch.randn(n, 3, dtype=torch.float64, generator=g)
     return GaussianPredictive(mean=mean, cov_epistemic=random_spd(n, 0.2, g), cov_aleatoric=random_spd(n, 0.1, g))
+
+
+def multivariate_t_samples(loc, shape, df, rng):
+    """One draw per row of t_df(loc_i, shape_i): y = loc + L z / sqrt(w / df), L Lᵀ = shape, z ~ N(0, I),
+    w ~ χ²_df (the construction scipy's ``multivariate_t.rvs`` samples; vectorised over rows)."""
+    import numpy as np
+
+    loc, shape, df = np.asarray(loc), np.asarray(shape), np.asarray(df, dtype=np.float64)
+    z = rng.standard_normal(loc.shape)
+    w = rng.chisquare(df)
+    return loc + np.einsum("nij,nj->ni", np.linalg.cholesky(shape), z) / np.sqrt(w / df)[:, None]

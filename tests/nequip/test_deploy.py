@@ -14,8 +14,8 @@ Then :class:`nequip_ext.E2IPNequIPCalculator` is built from the checkpoint, the 
 compiled model and evaluated on a C7H10O2 molecule from ``e2ip_plugins/data/iso7_test.xyz``.
 
 ``--mode torchscript`` is not tested: NequIP 0.19.1 refuses it on torch >= 2.10 (the venv has 2.13).
-The ``--target ase`` → clear-error test needs a second AOTInductor compile (about a minute on one CPU
-thread); it runs in ``make test`` all the same.
+The ``--target ase`` → clear-error test needs a second AOTInductor compile (2-3 min on one CPU thread
+on today's machines): opt-in with ``E2IP_SLOW_TESTS=1``.
 """
 
 import os
@@ -55,6 +55,8 @@ TOL64 = 1e-12
 # sum is re-associated, so allow 1e-10 (relative to each quantity's scale) — 4 orders above float64
 # round-off, and orders below the anisotropy that makes the covariance check non-trivial (asserted).
 ROT_TOL = 1e-10
+
+SLOW = os.environ.get("E2IP_SLOW_TESTS", "") not in ("", "0")
 
 
 def _run(cmd, cwd, timeout=900, env=None):
@@ -336,6 +338,8 @@ def test_exact_predictive(calcs, molecule):
         compiled.predictive()
 
 
+@pytest.mark.skipif(not SLOW, reason="a second AOTInductor compile (plain --target ase) takes 2-3 min on CPU; "
+                                     "set E2IP_SLOW_TESTS=1")
 def test_plain_ase_target_gives_clear_error(artefacts):
     """A model compiled with NequIP's plain ``--target ase`` has no covariance outputs: the calculator says which
     target to use. (The molecular example frame makes NequIP's own export check fail on NaN stress, so it is
