@@ -34,7 +34,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from scipy.optimize import minimize_scalar
@@ -126,6 +126,19 @@ def fit_scale(val: Dict, with_head: bool) -> float:
     return math.exp(minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-6}).x)
 
 
+def spread_growth(data: Dict, names) -> Dict[str, Tuple[float, float]]:
+    """Per set, (RMS spread / test's, γ's RMSE / test's); RMS spread = sqrt(mean_i tr C_i / 3) (no scale)."""
+    if "test" not in names:
+        return {}
+
+    def rms(d):
+        spread = float(torch.diagonal(d["C"], dim1=-2, dim2=-1).sum(-1).mean().div(3).sqrt())
+        return spread, float((d["gamma"] - d["y"]).pow(2).mean().sqrt())
+
+    s0, e0 = rms(data["test"])
+    return {n: (rms(data[n])[0] / s0, rms(data[n])[1] / e0) for n in names if n != "test"}
+
+
 def main(argv=None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="trained e2ip NequIP checkpoint (best.ckpt)")
@@ -180,7 +193,13 @@ def main(argv=None) -> Dict:
     for name, res in results.items():
         for method, m in res.items():
             print(f"{name:10s} {method:15s}" + "".join(f"{m[c]:12.3f}" for c in COLUMNS))
-    report = {"args": vars(args), "scales": scales, "results": results}
+    growth = spread_growth(data, list(sets))
+    if growth:
+        print("from test to each set: committee RMS spread ×, γ's force RMSE × (a level that follows the error "
+              "grows like the error)")
+        for name, (spread, err) in growth.items():
+            print(f"  {name:10s} spread ×{spread:.2f}   error ×{err:.2f}")
+    report = {"args": vars(args), "scales": scales, "results": results, "growth": growth}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return report
