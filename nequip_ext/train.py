@@ -217,6 +217,7 @@ def EvidentialEnergyForceLoss(
     type_names: Optional[List[str]] = None,
     extra_metrics: Optional[List[Dict[str, Any]]] = None,
     committee_target: str = "forces",
+    committee_nll_weight: float = 1.0,
 ) -> MetricsManager:
     """:func:`nequip.train.EnergyForceLoss` plus an ``evidential`` term (coefficient ``coeffs.evidential``).
 
@@ -227,7 +228,8 @@ def EvidentialEnergyForceLoss(
     regulariser's residual dimensionless. ``coeffs.energy_noise`` (optional) adds the coherent energy/force
     NLL of the energy-noise head (:class:`EnergyNoiseLossMetric`; the model needs ``uq_head.energy_noise``);
     ``coeffs.committee`` (optional) the in-model committee's loss (:class:`CommitteeLossMetric`; the model needs
-    ``uq_head.committee``); ``committee_target: residual`` makes its members fit y − γ (γ detached) instead of y.
+    ``uq_head.committee``); ``committee_target: residual`` makes its members fit y − γ (γ detached) instead of y;
+    ``committee_nll_weight`` weighs the committee's 3×3 NLL against the members' MSE (0: MSE only).
     """
     coeffs = dict(coeffs)
     noise_coeff = coeffs.pop("energy_noise", None)
@@ -236,7 +238,8 @@ def EvidentialEnergyForceLoss(
     committee_coeff = coeffs.pop("committee", None)
     if committee_coeff is not None:
         extra.append({"name": "committee", "field": None, "coeff": committee_coeff,
-                      "metric": CommitteeLossMetric(force_rms=force_rms, target=committee_target)})
+                      "metric": CommitteeLossMetric(force_rms=force_rms, target=committee_target,
+                                                    nll_weight=committee_nll_weight)})
     ev = {
         "name": "evidential",
         "field": None,

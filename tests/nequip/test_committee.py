@@ -68,6 +68,20 @@ def test_residual_target_is_the_core_loss_on_y_minus_detached_gamma():
         CommitteeLossMetric(target="energy")
 
 
+def test_nll_weight_zero_leaves_the_members_mse():
+    """``committee_nll_weight: 0`` of the loss: the term is the members' mean squared error / (3σ_F²) alone."""
+    from nequip_ext.train import CommitteeLossMetric
+
+    m = _model()
+    m.train()
+    batch = AtomicDataDict.batched_from_list(_graphs(2))
+    pred = m(dict(batch))
+    got = CommitteeLossMetric(force_rms=0.5, nll_weight=0.0)(pred, batch)
+    members = pred[K.E2IP_COMMITTEE_FORCES_KEY].reshape(-1, M, 3)
+    y = batch[AtomicDataDict.FORCE_KEY]
+    torch.testing.assert_close(got, ((members - y[:, None]) ** 2).sum(-1).mean() / (3 * 0.25))
+
+
 def test_missing_committee_is_named():
     from nequip_ext.train import CommitteeLossMetric
 
