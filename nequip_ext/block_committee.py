@@ -34,19 +34,19 @@ class E2IPBlockCommitteeModule(GraphModuleMixin, torch.nn.Module):
         irreps_in: irreps dict before the last convnet (node features, edge attrs/embedding, node attrs).
         avg_num_neighbors: n̄ of the members' edge-sum normalisation (the backbone's).
         num_members: M ≥ 2.  num_channels: K.  radial_mlp_width / radial_mlp_depth: each member's radial MLP.
-        force_rms: σ_F (eV/Å).  detach: members read the features cut from the graph in training (their loss
-        then trains only the members).
+        force_rms: σ_F (eV/Å). ``uq_head.committee.detach`` (any kind) sets ``detach_input``: members read the
+        features cut from the graph in training, so their loss trains only the members.
     """
 
     detach_input: bool
 
     def __init__(self, irreps_in, avg_num_neighbors: float = 10.0, num_members: int = 4, num_channels: int = 8,
                  radial_mlp_width: int = 16, radial_mlp_depth: int = 1, force_rms: float = 1.0,
-                 detach: bool = False, seed: Optional[int] = None, mlp_hidden: Optional[int] = None):
+                 seed: Optional[int] = None, mlp_hidden: Optional[int] = None):
         super().__init__()
         if int(num_members) < 2:
             raise ValueError(f"uq_head.committee.num_members must be >= 2, got {num_members}")
-        self.detach_input = bool(detach)
+        self.detach_input = False
         self.num_members = int(num_members)
         self.force_rms = float(force_rms)
         nf = AtomicDataDict.NODE_FEATURES_KEY
@@ -70,14 +70,14 @@ class E2IPBlockCommitteeModule(GraphModuleMixin, torch.nn.Module):
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         nf = AtomicDataDict.NODE_FEATURES_KEY
-        h = data[nf]
-        if self.training and self.detach_input:
-            h = h.detach()
+        inputs = dict(data)  # the blocks write node_features; the model's own stay untouched
+        if self.training and self.detach_input:  # every trainable input: features, type embedding, edge terms
+            for key in (nf, AtomicDataDict.NODE_ATTRS_KEY, AtomicDataDict.EDGE_EMBEDDING_KEY,
+                        AtomicDataDict.EDGE_ATTRS_KEY):
+                inputs[key] = data[key].detach()
         forces = []
         for block, readout in zip(self.members, self.readouts):
-            member = dict(data)  # the block writes node_features; the model's own stay untouched
-            member[nf] = h
-            member = block(member)
+            member = block(dict(inputs))
             forces.append(self.force_rms * readout(member[nf]))
         f = torch.stack(forces, dim=1)  # (N, M, 3)
         data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)

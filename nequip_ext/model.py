@@ -137,6 +137,7 @@ def attach_uq_head(
     if committee_enabled:  # issue 26 (opt-in): direct force members on the head's input features
         committee.setdefault("force_rms", float(cfg.get("force_rms") or _default_force_rms(per_type_energy_scales)))
         member_kind = committee.pop("kind", "node")
+        detach_members = bool(committee.pop("detach", False))  # the members' loss trains only the members
         if member_kind not in ("node", "edge", "block"):
             raise ValueError(f"uq_head.committee.kind must be node, edge or block, got {member_kind!r}")
         edge = member_kind == "edge"  # edge-based members (e2ip_plugins.edge_committee)
@@ -168,8 +169,8 @@ def attach_uq_head(
                                              avg_num_neighbors=10.0 if n_bar is None else n_bar, **committee)
         else:
             module = E2IPCommitteeModule(irreps_in=irreps, field=field, depth_field=depth_field, **committee)
-        seq.insert(COMMITTEE_MODULE_NAME, module,
-                   before=before)
+        module.detach_input = detach_members
+        seq.insert(COMMITTEE_MODULE_NAME, module, before=before)
     if getattr(head, "novelty_enabled", False):
         opts = {k: v for k, v in dict(cfg.get("novelty") or {}).items() if k != "enabled"}
         nov = E2IPNoveltyModule(irreps_in=seq._modules[site["novelty_after"]].irreps_out,

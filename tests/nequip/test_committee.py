@@ -68,6 +68,21 @@ def test_residual_target_is_the_core_loss_on_y_minus_detached_gamma():
         CommitteeLossMetric(target="energy")
 
 
+@pytest.mark.parametrize("kind", ["node", "block"])
+def test_detached_members_train_only_themselves(kind):
+    """``committee.detach: true``: the committee term reaches every member and no backbone parameter."""
+    from nequip_ext.train import CommitteeLossMetric
+
+    m = nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head=dict(HEAD, committee=dict(HEAD["committee"], kind=kind,
+                                                                                    detach=True)))
+    m.train()
+    batch = AtomicDataDict.batched_from_list(_graphs(2))
+    CommitteeLossMetric(force_rms=0.5)(m(dict(batch)), batch).backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "uq_committee" in n)
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if "uq_committee" not in n)
+
+
 def test_nll_weight_zero_leaves_the_members_mse():
     """``committee_nll_weight: 0`` of the loss: the term is the members' mean squared error / (3σ_F²) alone."""
     from nequip_ext.train import CommitteeLossMetric
