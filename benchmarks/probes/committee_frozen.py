@@ -157,6 +157,8 @@ def main(argv=None) -> Dict:
     ap.add_argument("--from-model", action="store_true",
                     help="evaluate the model's own committee (trained jointly with uq_head.committee) instead of "
                          "training one on its frozen features")
+    ap.add_argument("--isotropic", action="store_true",
+                    help="the committee covariance as (tr C / 3)·I (the ensemble reference's form) instead of the 3×3 C")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -176,7 +178,10 @@ def main(argv=None) -> Dict:
         com = train_committee(data["train"], args)
     for name in ["val"] + list(sets):  # members and their covariance once per set
         data[name]["F"] = members_of(com, data[name])
-        data[name]["C"] = committee_covariance(data[name]["F"])[1]
+        cov = committee_covariance(data[name]["F"])[1]
+        if args.isotropic:  # (tr C / 3)·I, as the ensemble reference: a 3×3 from M ≈ 4 is near singular
+            cov = torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(3, dtype=cov.dtype)
+        data[name]["C"] = cov
     scales = {"committee+head": fit_scale(data["val"], True), "committee": fit_scale(data["val"], False)}
     print("val-fitted scales: " + ", ".join(f"{k} c={v:.4g}" for k, v in scales.items()))
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
