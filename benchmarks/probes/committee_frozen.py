@@ -159,6 +159,9 @@ def main(argv=None) -> Dict:
                          "training one on its frozen features")
     ap.add_argument("--isotropic", action="store_true",
                     help="the committee covariance as (tr C / 3)·I (the ensemble reference's form) instead of the 3×3 C")
+    ap.add_argument("--ensemble", nargs="+", default=None, metavar="CKPT",
+                    help="a deep-ensemble reference on the same data: --model plus these checkpoints are the members "
+                         "(their conservative forces γ), the mean is the members' mean")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -170,6 +173,14 @@ def main(argv=None) -> Dict:
     model = load_model(Path(args.model))
     data = {n: collect(model, dl) for n, dl in zip(names, eval_loaders(Path(args.model), files))}
     print(f"features {data['train']['irreps']}; atoms: " + ", ".join(f"{n} {len(d['y'])}" for n, d in data.items()))
+    if args.ensemble:  # members = whole models; the same files in the same order, so atoms line up
+        others = [load_model(Path(c)) for c in args.ensemble]
+        for n, f in zip(names, files):
+            gammas = [data[n]["gamma"]] + [collect(m, dl)["gamma"] for m, (dl,) in
+                                          ((m, eval_loaders(Path(c), [f])) for m, c in zip(others, args.ensemble))]
+            data[n]["members"] = torch.stack(gammas, dim=1)
+            data[n]["gamma"] = data[n]["members"].mean(1)
+        args.from_model = True
     if args.from_model:
         if data["train"]["members"] is None:
             raise SystemExit(f"{args.model} has no in-model committee (train it with uq_head.committee.enabled: true)")
