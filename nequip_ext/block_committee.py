@@ -34,6 +34,7 @@ class E2IPBlockCommitteeModule(GraphModuleMixin, torch.nn.Module):
         irreps_in: irreps dict before the last convnet (node features, edge attrs/embedding, node attrs).
         avg_num_neighbors: n̄ of the members' edge-sum normalisation (the backbone's).
         num_members: M ≥ 2.  num_channels: K.  radial_mlp_width / radial_mlp_depth: each member's radial MLP.
+        seed: members drawn from this seed (default: the model's generator).
         force_rms: σ_F (eV/Å). ``uq_head.committee.detach`` (any kind) sets ``detach_input``: members read the
         features cut from the graph in training, so their loss trains only the members.
     """
@@ -42,7 +43,7 @@ class E2IPBlockCommitteeModule(GraphModuleMixin, torch.nn.Module):
 
     def __init__(self, irreps_in, avg_num_neighbors: float = 10.0, num_members: int = 4, num_channels: int = 8,
                  radial_mlp_width: int = 16, radial_mlp_depth: int = 1, force_rms: float = 1.0,
-                 seed: Optional[int] = None, mlp_hidden: Optional[int] = None):
+                 seed: Optional[int] = None):
         super().__init__()
         if int(num_members) < 2:
             raise ValueError(f"uq_head.committee.num_members must be >= 2, got {num_members}")
@@ -52,11 +53,17 @@ class E2IPBlockCommitteeModule(GraphModuleMixin, torch.nn.Module):
         nf = AtomicDataDict.NODE_FEATURES_KEY
         self._init_irreps(irreps_in=irreps_in, required_irreps_in=[nf],
                           irreps_out={K.E2IP_COMMITTEE_FORCES_KEY: f"{self.num_members}x1o"})
-        if seed is not None:
-            torch.manual_seed(int(seed))
         hidden = o3.Irreps(f"{int(num_channels)}x0e+{int(num_channels)}x1o")
         self.members = torch.nn.ModuleList()
         self.readouts = torch.nn.ModuleList()
+        with torch.random.fork_rng(enabled=seed is not None):  # a seed leaves the caller's generator untouched
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            self._build(hidden, avg_num_neighbors, radial_mlp_width, radial_mlp_depth)
+
+    def _build(self, hidden, avg_num_neighbors, radial_mlp_width, radial_mlp_depth) -> None:
+        """M members drawn one after another from the current generator (independent initialisations)."""
+        nf = AtomicDataDict.NODE_FEATURES_KEY
         for _ in range(self.num_members):
             block = ConvNetLayer(
                 irreps_in=self.irreps_in, feature_irreps_hidden=hidden,
