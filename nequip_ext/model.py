@@ -140,7 +140,6 @@ def attach_uq_head(
         detach_members = bool(committee.pop("detach", False))  # the members' loss trains only the members
         if member_kind not in ("node", "edge", "block"):
             raise ValueError(f"uq_head.committee.kind must be node, edge or block, got {member_kind!r}")
-        edge = member_kind == "edge"  # edge-based members (e2ip_plugins.edge_committee)
         depth = committee.pop("extra_depth", None)  # also read the output of convnet number `depth` (0-based)
         depth_field = None
         if depth is not None:
@@ -161,7 +160,7 @@ def attach_uq_head(
             n_bar = backbone_neighbors(seq)
             module = E2IPBlockCommitteeModule(irreps_in=irreps, avg_num_neighbors=10.0 if n_bar is None else n_bar,
                                               **committee)
-        elif edge:
+        elif member_kind == "edge":  # edge-based members (e2ip_plugins.edge_committee)
             if r_max is None or depth is not None:
                 raise ValueError("uq_head.committee.kind: edge needs the model's r_max and takes no extra_depth")
             n_bar = backbone_neighbors(seq)

@@ -111,11 +111,15 @@ def isotropic(pred):
     and is often nearly singular, which dominates the full-covariance NLL and coverage."""
     import dataclasses
 
+    return dataclasses.replace(pred, cov_epistemic=isotropic_covariance(pred.cov_epistemic))
+
+
+def isotropic_covariance(cov):
+    """(N, 3, 3) → (tr C_i / 3)·I per atom: the variance of :func:`isotropic`, for a bare covariance tensor."""
     import torch
 
-    var = torch.diagonal(pred.cov_epistemic, dim1=-2, dim2=-1).mean(-1)
-    eye = torch.eye(3, dtype=var.dtype, device=var.device)
-    return dataclasses.replace(pred, cov_epistemic=var[:, None, None] * eye)
+    var = torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1)
+    return var[:, None, None] * torch.eye(3, dtype=var.dtype, device=var.device)
 
 
 def evaluate_tag(backend, runs, tag, prof, settings, sets, manifest, bdir: Path, write: bool):

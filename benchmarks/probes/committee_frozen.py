@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from scipy.optimize import minimize_scalar
 
+from benchmarks.common.evaluation import isotropic_covariance
 from e2ip_plugins.force_committee import ForceCommittee, committee_covariance, committee_loss
 from e2ip_plugins.metrics import UQMetricState
 from e2ip_plugins.predictive import GaussianPredictive
@@ -136,7 +137,12 @@ def spread_growth(data: Dict, names) -> Dict[str, Tuple[float, float]]:
         return spread, float((d["gamma"] - d["y"]).pow(2).mean().sqrt())
 
     s0, e0 = rms(data["test"])
-    return {n: (rms(data[n])[0] / s0, rms(data[n])[1] / e0) for n in names if n != "test"}
+    growth = {}
+    for n in names:
+        if n != "test":
+            spread, err = rms(data[n])
+            growth[n] = (spread / s0, err / e0)
+    return growth
 
 
 def main(argv=None) -> Dict:
@@ -174,11 +180,13 @@ def main(argv=None) -> Dict:
     data = {n: collect(model, dl) for n, dl in zip(names, eval_loaders(Path(args.model), files))}
     print(f"features {data['train']['irreps']}; atoms: " + ", ".join(f"{n} {len(d['y'])}" for n, d in data.items()))
     if args.ensemble:  # members = whole models; the same files in the same order, so atoms line up
-        others = [load_model(Path(c)) for c in args.ensemble]
-        for n, f in zip(names, files):
-            gammas = [data[n]["gamma"]] + [collect(m, dl)["gamma"] for m, (dl,) in
-                                          ((m, eval_loaders(Path(c), [f])) for m, c in zip(others, args.ensemble))]
-            data[n]["members"] = torch.stack(gammas, dim=1)
+        gammas = {n: [data[n]["gamma"]] for n in names}
+        for ckpt in map(Path, args.ensemble):
+            other = load_model(ckpt)
+            for n, dl in zip(names, eval_loaders(ckpt, files)):
+                gammas[n].append(collect(other, dl)["gamma"])
+        for n in names:
+            data[n]["members"] = torch.stack(gammas[n], dim=1)
             data[n]["gamma"] = data[n]["members"].mean(1)
         args.from_model = True
     if args.from_model:
@@ -191,7 +199,7 @@ def main(argv=None) -> Dict:
         data[name]["F"] = members_of(com, data[name])
         cov = committee_covariance(data[name]["F"])[1]
         if args.isotropic:  # (tr C / 3)·I, as the ensemble reference: a 3×3 from M ≈ 4 is near singular
-            cov = torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(3, dtype=cov.dtype)
+            cov = isotropic_covariance(cov)
         data[name]["C"] = cov
     scales = {"committee+head": fit_scale(data["val"], True), "committee": fit_scale(data["val"], False)}
     print("val-fitted scales: " + ", ".join(f"{k} c={v:.4g}" for k, v in scales.items()))

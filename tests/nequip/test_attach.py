@@ -24,11 +24,10 @@ import nequip_ext._keys as K
 import nequip_ext.attach
 from nequip.data import AtomicDataDict
 
-from ._cli_helpers import DATA, REPO, load_ckpt, nequip_train
+from ._cli_helpers import DATA, REPO, SLOW, load_ckpt, nequip_train
 from .test_energy_uq import CFG, _graphs, _rotated
 
 BIN = pathlib.Path(sys.executable).parent
-SLOW = os.environ.get("E2IP_SLOW_TESTS", "") not in ("", "0")
 UQ = ("uq_head.", "uq_novelty.", "uq_energy.", "uq_committee.")
 MODEL = "model.sole_model."  # prefix of the model's entries in a nequip-train checkpoint's state dict
 

@@ -36,6 +36,8 @@ from scipy.spatial.transform import Rotation  # noqa: E402
 
 import nequip_ext._keys as K  # noqa: E402
 
+from ._cli_helpers import SLOW  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DATA = REPO / "e2ip_plugins" / "data"
 BIN = pathlib.Path(sys.executable).parent
@@ -55,8 +57,6 @@ TOL64 = 1e-12
 # sum is re-associated, so allow 1e-10 (relative to each quantity's scale) — 4 orders above float64
 # round-off, and orders below the anisotropy that makes the covariance check non-trivial (asserted).
 ROT_TOL = 1e-10
-
-SLOW = os.environ.get("E2IP_SLOW_TESTS", "") not in ("", "0")
 
 
 def _run(cmd, cwd, timeout=900, env=None):

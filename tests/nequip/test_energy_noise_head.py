@@ -4,7 +4,6 @@ training forwards (finite differences, rotation), the loss term, config errors, 
 the ``nequip-compile --target e2ip_ase`` artefact too with ``E2IP_SLOW_TESTS=1`` (a second AOTInductor compile)."""
 
 import csv
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,11 +19,10 @@ from nequip.data import AtomicDataDict
 
 from e2ip_plugins.energy_noise_head import coherent_head_loss
 
-from ._cli_helpers import DATA, data, nequip_train
+from ._cli_helpers import DATA, SLOW, data, nequip_train
 from .test_energy_uq import CFG, _graphs, _rotated
 
 BINDIR = pathlib.Path(sys.executable).parent
-SLOW = os.environ.get("E2IP_SLOW_TESTS", "") not in ("", "0")
 HEAD = {"kind": "e2ip", "num_channels": 4, "mlp_hidden": 8, "energy_noise": {"enabled": True, "mlp_hidden": 6}}
 
 

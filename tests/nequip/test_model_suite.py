@@ -41,7 +41,8 @@ from nequip.utils.unittests.utils import _training_session
 
 import nequip_ext._keys as K
 
-SLOW = os.environ.get("E2IP_SLOW_TESTS", "") not in ("", "0")
+from ._cli_helpers import SLOW
+
 E2IP_KEYS = list(K.COVARIANCE_KEYS) + [K.FORCES_UNCERTAINTY_KEY]
 
 BASE_CONFIG = {
