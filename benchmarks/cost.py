@@ -184,6 +184,7 @@ class CostRun:
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.results: Dict[str, Any] = {"backbone": args.backbone, "profile": args.profile, "device": self.device,
                                         "threads": args.threads, "settings": self.prof["backbones"][args.backbone],
+                                        "head_overrides": list(args.head_override or []),
                                         "inference": [], "training": [], "memory": [], "build": {}}
         if self.device.startswith("cuda"):
             import torch
@@ -191,7 +192,8 @@ class CostRun:
             self.results["device_name"] = torch.cuda.get_device_name(self.device)
 
     def settings(self, dtype: str) -> Dict[str, Any]:
-        return dict(self.prof["backbones"][self.a.backbone], device=self.device, dtype=dtype, epochs=1)
+        extra = {"head_overrides": list(self.a.head_override)} if self.a.head_override else {}
+        return dict(self.prof["backbones"][self.a.backbone], device=self.device, dtype=dtype, epochs=1, **extra)
 
     # --- artefacts ---------------------------------------------------------------------------------
     def data_files(self) -> Dict[str, str]:
@@ -353,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-frames", nargs=2, type=int, default=[100, 40], metavar=("TRAIN", "VAL"))
     p.add_argument("--epoch-repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--head-override", action="append", default=None, metavar="HYDRA",
+                   help="NequIP: a Hydra override for the e2ip model only, repeatable (e.g. an opt-in "
+                   "'++training_module.model.uq_head.committee={...}')")
     p.add_argument("--time-cap", type=float, default=1200.0, help="s per measurement process")
     p.add_argument("--mem-cap-gb", type=float, default=12.0, help="RSS cap per measurement process")
     p.add_argument("--build-cap", type=float, default=1800.0, help="s per training / compile command")
@@ -372,6 +377,8 @@ def main(argv=None) -> None:
         return
     if not a.backbone:
         raise SystemExit("--backbone is required (or --report)")
+    if a.head_override and a.backbone != "nequip":
+        raise SystemExit("--head-override is a Hydra override of the NequIP e2ip config: use it with --backbone nequip")
     if a.collect:
         out = Path(a.out) / f"cost_{a.backbone}.json"
         out.write_text(json.dumps(collect(Path(a.collect), a.backbone, a.profile, a.threads, a.device), indent=1))

@@ -10,6 +10,10 @@ before the last convnet, then a direct force readout:
 so members differ in how they pass messages, as the last layer of independently trained models would. The
 committee math (sample covariance, loss) is :mod:`e2ip_plugins.force_committee`; this file is the NequIP
 adapter that builds the members from NequIP's own ``ConvNetLayer``.
+
+``kind: message`` (:class:`E2IPMessageCommitteeModule`) is the same idea batched: all M members in one slim
+message-passing layer of the core (:class:`e2ip_plugins.message_committee.MessageCommittee`), read from the same
+features and NequIP's edges (centre ``edge_index[0]``, r_j − r_i).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from typing import Optional
 import torch
 
 from nequip.data import AtomicDataDict
-from nequip.nn import ConvNetLayer, GraphModuleMixin
+from nequip.nn import ConvNetLayer, GraphModuleMixin, with_edge_vectors_
 
 from e2ip_plugins._e3nn import o3
+from e2ip_plugins.message_committee import MessageCommittee
 
 from . import _keys as K
 
@@ -87,5 +92,40 @@ class E2IPBlockCommitteeModule(GraphModuleMixin, torch.nn.Module):
             member = block(dict(inputs))
             forces.append(self.force_rms * readout(member[nf]))
         f = torch.stack(forces, dim=1)  # (N, M, 3)
+        data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)
+        return data
+
+
+class E2IPMessageCommitteeModule(GraphModuleMixin, torch.nn.Module):
+    """M members batched in one :class:`~e2ip_plugins.message_committee.MessageCommittee` on the node features
+    before the last convnet; writes ``e2ip_committee_forces`` (N, 3M), irreps M×1o. ``detach_input`` (set by
+    ``uq_head.committee.detach``): in training the members read the features and edge vectors cut from the graph.
+
+    Args:
+        irreps_in: irreps dict before the last convnet. r_max: the model's cutoff. avg_num_neighbors: the backbone's n̄.
+        **committee: ``num_members``, ``num_channels``, ``num_basis``, ``radial_hidden``, ``force_rms``, ``seed``.
+    """
+
+    detach_input: bool
+
+    def __init__(self, irreps_in, r_max: float, avg_num_neighbors: float = 10.0, **committee):
+        super().__init__()
+        self.detach_input = False
+        nf = AtomicDataDict.NODE_FEATURES_KEY
+        members = int(committee.get("num_members", 4))
+        self._init_irreps(irreps_in=irreps_in, required_irreps_in=[nf],
+                          irreps_out={K.E2IP_COMMITTEE_FORCES_KEY: f"{members}x1o"})
+        if committee.get("seed") is None:  # no seed given: the model's generator draws one (seeded runs differ)
+            committee["seed"] = int(torch.randint(0, 2**31 - 1, ()).item())
+        self.committee = MessageCommittee(self.irreps_in[nf], r_max, avg_num_neighbors=avg_num_neighbors, **committee)
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        data = with_edge_vectors_(data, with_lengths=False)
+        edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
+        h = data[AtomicDataDict.NODE_FEATURES_KEY]
+        vectors = data[AtomicDataDict.EDGE_VECTORS_KEY]
+        if self.training and self.detach_input:
+            h, vectors = h.detach(), vectors.detach()
+        f = self.committee(h, edge_index[0], edge_index[1], vectors.to(h.dtype))
         data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)
         return data

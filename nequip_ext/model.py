@@ -47,7 +47,7 @@ from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
-from .block_committee import E2IPBlockCommitteeModule
+from .block_committee import E2IPBlockCommitteeModule, E2IPMessageCommitteeModule
 from .geometric import GEOMETRIC_MODULE_NAME, E2IPEdgeCommitteeModule, E2IPGeometricModule, geometric_options, uq_site
 from .nn import (E2IPCommitteeModule, E2IPFeatureTap, E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule, E2IPHeadModule,
                  E2IPNoveltyModule, EIPHeadModule)
@@ -138,8 +138,8 @@ def attach_uq_head(
         committee.setdefault("force_rms", float(cfg.get("force_rms") or _default_force_rms(per_type_energy_scales)))
         member_kind = committee.pop("kind", "node")
         detach_members = bool(committee.pop("detach", False))  # the members' loss trains only the members
-        if member_kind not in ("node", "edge", "block"):
-            raise ValueError(f"uq_head.committee.kind must be node, edge or block, got {member_kind!r}")
+        if member_kind not in ("node", "edge", "block", "message"):
+            raise ValueError(f"uq_head.committee.kind must be node, edge, block or message, got {member_kind!r}")
         depth = committee.pop("extra_depth", None)  # also read the output of convnet number `depth` (0-based)
         depth_field = None
         if depth is not None:
@@ -160,6 +160,13 @@ def attach_uq_head(
             n_bar = backbone_neighbors(seq)
             module = E2IPBlockCommitteeModule(irreps_in=irreps, avg_num_neighbors=10.0 if n_bar is None else n_bar,
                                               **committee)
+        elif member_kind == "message":  # the block idea batched (e2ip_plugins.message_committee)
+            if r_max is None or depth is not None or field != AtomicDataDict.NODE_FEATURES_KEY:
+                raise ValueError("uq_head.committee.kind: message reads the backbone's node features before the "
+                                 "last convnet; it needs the model's r_max and takes no extra_depth")
+            n_bar = backbone_neighbors(seq)
+            module = E2IPMessageCommitteeModule(irreps_in=irreps, r_max=float(r_max),
+                                                avg_num_neighbors=10.0 if n_bar is None else n_bar, **committee)
         elif member_kind == "edge":  # edge-based members (e2ip_plugins.edge_committee)
             if r_max is None or depth is not None:
                 raise ValueError("uq_head.committee.kind: edge needs the model's r_max and takes no extra_depth")

@@ -68,7 +68,7 @@ def test_residual_target_is_the_core_loss_on_y_minus_detached_gamma():
         CommitteeLossMetric(target="energy")
 
 
-@pytest.mark.parametrize("kind", ["node", "block"])
+@pytest.mark.parametrize("kind", ["node", "block", "message"])
 def test_detached_members_train_only_themselves(kind):
     """``committee.detach: true``: the committee term reaches every member and no backbone parameter."""
     from nequip_ext.train import CommitteeLossMetric
@@ -131,11 +131,11 @@ def test_two_depth_members_rotate_and_read_the_earlier_convnet():
         nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head=dict(HEAD, committee=dict(HEAD["committee"], extra_depth=0)))
 
 
-@pytest.mark.parametrize("kind,extra", [("edge", {"mlp_hidden": 8}), ("block", {})])
+@pytest.mark.parametrize("kind,extra", [("edge", {"mlp_hidden": 8}), ("block", {}), ("message", {})])
 def test_edge_and_block_members_rotate_and_feed_the_loss(kind, extra):
-    """``kind: edge`` (F_i^k = Σ_j a_ij^k r̂_ij) and ``kind: block`` (each member its own interaction block and
-    1o readout): members rotate as R F, differ from each other, and the loss term reaches them and the
-    backbone's convnets."""
+    """``kind: edge`` (F_i^k = Σ_j a_ij^k r̂_ij), ``kind: block`` (each member its own interaction block and
+    1o readout) and ``kind: message`` (the block idea batched): members rotate as R F, differ from each other,
+    and the loss term reaches them and the backbone's convnets."""
     from nequip_ext.train import CommitteeLossMetric
 
     head = dict(HEAD, committee=dict(HEAD["committee"], kind=kind, **extra))
@@ -154,6 +154,9 @@ def test_edge_and_block_members_rotate_and_feed_the_loss(kind, extra):
     grads = {n: p.grad for n, p in m.named_parameters()}
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "uq_committee" in n)
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "convnet" in n)
+    if kind == "message":  # every member's own slice of the stacked weights
+        radial = next(g for n, g in grads.items() if n.endswith("uq_committee.committee.radial2"))
+        assert all(radial[k].abs().sum() > 0 for k in range(M))
     if kind == "block":
         assert all(any(g is not None and g.abs().sum() > 0 for n, g in grads.items()
                        if f"uq_committee.members.{k}." in n) for k in range(M))
