@@ -28,6 +28,7 @@ import torch
 
 from e2ip_plugins import check_finite, eip_loss, evidential_force_loss
 from e2ip_plugins.energy_noise_head import coherent_head_loss
+from e2ip_plugins.force_committee import committee_loss
 from e2ip_plugins.metrics import COLUMNS, UQMetricState, atom_columns
 from mace.modules.loss import reduce_loss
 from mace.tools.train import MACELoss
@@ -48,8 +49,12 @@ class E2IPLoss(torch.nn.Module):
         residual_metric: str = "euclidean",
         quantile: float = 0.5,
         energy_noise_weight: float = 0.0,
+        committee_weight: float = 0.0,
+        committee_nll_weight: float = 0.0,
     ):
         super().__init__()
+        self.committee_weight = float(committee_weight)
+        self.committee_nll_weight = float(committee_nll_weight)
         self.energy_noise_weight = float(energy_noise_weight)
         self.base = base
         self.weight = float(weight)
@@ -91,18 +96,26 @@ class E2IPLoss(torch.nn.Module):
             per_structure = self.energy_noise_per_structure(ref, pred)
             check_finite(per_structure, "energy-noise loss")
             loss = loss + self.energy_noise_weight * reduce_loss(ref.weight * ref.energy_weight * per_structure, ddp)
+        counts = ref.ptr[1:] - ref.ptr[:-1]
+        w = torch.repeat_interleave(ref.weight * ref.forces_weight, counts)
+        if self.committee_weight > 0.0:  # issue 26: the in-model committee's members (--e2ip_committee)
+            members = pred.get("e2ip_committee_forces")
+            if members is None:
+                raise KeyError("--e2ip_committee_weight > 0 needs the in-model committee (--e2ip_committee M)")
+            per_atom_c = committee_loss(members, ref["forces"], self.sigma_f, nll_weight=self.committee_nll_weight)
+            check_finite(per_atom_c, "committee loss")
+            loss = loss + self.committee_weight * reduce_loss(w * per_atom_c, ddp)
         if self.weight == 0.0:
             return loss
         per_atom = self.evidential_per_atom(ref, pred)
-        counts = ref.ptr[1:] - ref.ptr[:-1]
-        w = torch.repeat_interleave(ref.weight * ref.forces_weight, counts)
         return loss + self.weight * reduce_loss(w * per_atom, ddp)
 
     def __repr__(self) -> str:
         return (
             f"E2IPLoss(base={self.base!r}, weight={self.weight:.3g}, reg_weight={self.reg_weight:.3g}, "
             f"sigma_f={self.sigma_f:.4g}, detach_mean={self.detach_mean}, residual_metric={self.residual_metric}, "
-            f"quantile={self.quantile}, energy_noise_weight={self.energy_noise_weight:.3g})"
+            f"quantile={self.quantile}, energy_noise_weight={self.energy_noise_weight:.3g}, "
+            f"committee_weight={self.committee_weight:.3g}, committee_nll_weight={self.committee_nll_weight:.3g})"
         )
 
 

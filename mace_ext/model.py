@@ -50,6 +50,7 @@ from e2ip_plugins.novelty import InvariantFeatures, NoveltyEvidence
 from mace.modules.models import MACE, ScaleShiftMACE
 
 from .errors import E2IPConfigError, MACEHookError, installed_mace_version
+from .committee import NoCommittee, build_committee
 from .geometric import NoGeometricFeatures, build_geometric, edge_geometry
 from .outputs import (  # noqa: F401  (re-exported: imported from here by tests and users)
     ATOM_LEVEL_KEYS,
@@ -138,7 +139,13 @@ class E2IPMixin:
         )
         node_feats = out["node_feats"]
         assert node_feats is not None
-        head_out = self.e2ip_head(self.e2ip_head_input(data, node_feats))
+        head_in = self.e2ip_head_input(data, node_feats)
+        head_out = self.e2ip_head(head_in)
+        if self.e2ip_committee_enabled:  # issue 26 (opt-in): the members' direct forces, (N, M, 3)
+            center, neighbor, vectors = edge_geometry(data)
+            if training and self.e2ip_committee_detach:
+                head_in, vectors = head_in.detach(), vectors.detach()
+            out["e2ip_committee_forces"] = self.e2ip_committee(head_in, center, neighbor, vectors)
         invariants: Optional[torch.Tensor] = None  # read by the novelty score and the energy-noise head
         if self.e2ip_head_type == "e2ip":
             kappa = head_out["kappa"]
@@ -205,6 +212,10 @@ class E2IPMixin:
         if "e2ip_geometric" not in self._modules:  # saved before issue 28: the head reads l > 0 features
             self.e2ip_geometric = NoGeometricFeatures()
             self.e2ip_geometric_enabled = False
+        if "e2ip_committee" not in self._modules:  # saved before the in-model committee (issue 26)
+            self.e2ip_committee = NoCommittee()
+            self.e2ip_committee_enabled = False
+            self.e2ip_committee_detach = True
 
     def e2ip_config(self) -> Dict[str, Any]:
         return {
@@ -216,6 +227,7 @@ class E2IPMixin:
             "force_rms": float(self.e2ip_force_rms),
             "energy_noise": bool(self.e2ip_energy_noise_enabled),
             "geometric": bool(self.e2ip_geometric_enabled),
+            "committee_members": int(getattr(self.e2ip_committee, "num_members", 0)),
         }
 
 
@@ -260,6 +272,7 @@ def attach_e2ip_head(
     novelty: Optional[Dict[str, Any]] = None,
     energy_noise: Optional[Dict[str, Any]] = None,
     geometric: bool = False,
+    committee: Optional[Dict[str, Any]] = None,
     **head_kwargs: Any,
 ) -> torch.nn.Module:
     """Attach an ``e2ip`` (EvidentialHead) or ``eip`` (EIPHead) head to a MACE model, in place.
@@ -271,7 +284,9 @@ def attach_e2ip_head(
     ``{enabled: True, hidden: 16}`` adds the energy-noise head (e2ip head only; issue 15, reads the
     invariants of every product block, :mod:`e2ip_plugins.energy_noise_head`). ``geometric``: the head reads
     the geometric construction on the last block's scalars (:mod:`mace_ext.geometric`, issue 28); used
-    whatever the flag when no product block carries l > 0 (``--max_L 0``).
+    whatever the flag when no product block carries l > 0 (``--max_L 0``). ``committee``: ``{num_members: M,
+    num_channels: K, detach: True, seed: None}`` adds the in-model force committee (issue 26, :mod:`mace_ext.committee`)
+    on the head's input; ``e2ip_committee_forces`` (N, M, 3) is then an output.
     """
     if head not in HEAD_TYPES:
         raise E2IPConfigError(f"e2ip head must be one of {HEAD_TYPES}, got {head!r}")
@@ -315,6 +330,14 @@ def attach_e2ip_head(
                               "head's aleatoric covariance)")
     noise_module = EnergyNoiseHead(invariants.num_features, **noise) if noise_enabled else NoEnergyNoiseHead()
     energy_module = EnergyUncertainty(length=1.0) if noise_enabled else EnergyUncertainty()
+    com = dict(committee or {})
+    committee_detach = bool(com.pop("detach", True))
+    committee_module: torch.nn.Module = NoCommittee()
+    if com:
+        try:
+            committee_module = build_committee(model, irreps, float(force_rms), **com)
+        except (TypeError, ValueError) as exc:
+            raise E2IPConfigError(f"the in-model committee: {exc}") from exc
     try:
         ref = next(model.parameters())
         module = module.to(device=ref.device, dtype=ref.dtype)
@@ -322,6 +345,7 @@ def attach_e2ip_head(
         energy_module = energy_module.to(device=ref.device, dtype=ref.dtype)
         noise_module = noise_module.to(device=ref.device, dtype=ref.dtype)
         geo_module = geo_module.to(device=ref.device, dtype=ref.dtype)
+        committee_module = committee_module.to(device=ref.device, dtype=ref.dtype)
     except StopIteration:  # pragma: no cover
         pass
     model.__class__ = _SUBCLASS[base]
@@ -341,6 +365,9 @@ def attach_e2ip_head(
     model.e2ip_energy_noise_enabled = noise_enabled
     model.e2ip_geometric = geo_module
     model.e2ip_geometric_enabled = bool(geometric)
+    model.e2ip_committee = committee_module
+    model.e2ip_committee_enabled = bool(com)
+    model.e2ip_committee_detach = committee_detach
     source = f"the geometric construction on the scalars of product block {idx}" if geometric else \
         f"product block {idx}"
     logging.info(

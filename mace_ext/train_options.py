@@ -20,6 +20,8 @@ DEFAULTS = dict(
     e2ip_novelty=True, e2ip_novelty_mode="linear", e2ip_novelty_power=10.0, e2ip_novelty_quantile=0.99,
     e2ip_energy_noise=False, e2ip_energy_noise_weight=0.001, e2ip_energy_noise_hidden=16,
     e2ip_energy_noise_detach=True, e2ip_geometric=False,
+    e2ip_committee=0, e2ip_committee_channels=8, e2ip_committee_weight=0.01, e2ip_committee_nll_weight=0.0,
+    e2ip_committee_detach=True,
 )
 
 
@@ -97,6 +99,18 @@ def add_e2ip_arguments(parser: argparse.ArgumentParser, only: Optional[Iterable[
                        help="the head reads l = 1, 2 features built from the edges and the last product block's "
                             "scalars (issue 28, docs/scalar_backbones.md) instead of the backbone's l > 0 features; "
                             "always on for scalar-only backbones (--max_L 0)")
+    group.add_argument("--e2ip_committee", type=int, default=DEFAULTS["e2ip_committee"],
+                       help="M >= 2 adds the in-model force committee (issue 26, opt-in, docs/committee.md): M members "
+                            "passing their own messages on the head's features; output e2ip_committee_forces")
+    group.add_argument("--e2ip_committee_channels", type=int, default=DEFAULTS["e2ip_committee_channels"],
+                       help="K scalar and K vector channels per committee member")
+    group.add_argument("--e2ip_committee_weight", type=float, default=DEFAULTS["e2ip_committee_weight"],
+                       help="weight of the members' loss (mean squared error / 3σ_F² per atom, plus the NLL term)")
+    group.add_argument("--e2ip_committee_nll_weight", type=float, default=DEFAULTS["e2ip_committee_nll_weight"],
+                       help="weight of the committee's 3×3 Gaussian NLL inside the members' loss (0: MSE alone)")
+    group.add_argument("--e2ip_committee_detach", type=_str2bool, nargs="?", const=True,
+                       default=DEFAULTS["e2ip_committee_detach"],
+                       help="the members' loss trains only the members (their input is cut from the backbone)")
     return parser
 
 
@@ -131,6 +145,12 @@ def check_e2ip_args(args) -> None:
                               "head's aleatoric covariance)")
     if args.e2ip_energy_noise and not args.e2ip_energy_noise_weight > 0:
         raise E2IPConfigError(f"--e2ip_energy_noise_weight must be > 0, got {args.e2ip_energy_noise_weight}")
+    if args.e2ip_committee and (args.e2ip_committee < 2 or args.e2ip_committee_channels < 1
+                                or args.e2ip_committee_weight <= 0 or args.e2ip_committee_nll_weight < 0):
+        raise E2IPConfigError(
+            f"--e2ip_committee needs M >= 2 members (got {args.e2ip_committee}), --e2ip_committee_channels >= 1 "
+            f"(got {args.e2ip_committee_channels}), --e2ip_committee_weight > 0 (got {args.e2ip_committee_weight}) "
+            f"and --e2ip_committee_nll_weight >= 0 (got {args.e2ip_committee_nll_weight}); --e2ip_committee 0 turns it off")
     if not 0.0 < args.e2ip_quantile < 1.0:
         raise E2IPConfigError(f"--e2ip_quantile must be in (0, 1), got {args.e2ip_quantile}")
     if args.e2ip_force_rms is not None and not args.e2ip_force_rms > 0:

@@ -43,6 +43,8 @@ class E2IPRun:
             base, weight=a.e2ip_weight, reg_weight=a.e2ip_reg, sigma_f=self.sigma_f or 1.0,
             detach_mean=a.e2ip_detach_mean, residual_metric=a.e2ip_residual_metric, quantile=a.e2ip_quantile,
             energy_noise_weight=a.e2ip_energy_noise_weight if a.e2ip_energy_noise else 0.0,
+            committee_weight=a.e2ip_committee_weight if a.e2ip_committee else 0.0,
+            committee_nll_weight=a.e2ip_committee_nll_weight,
         )
         self.losses.append(loss)
         return loss
@@ -82,6 +84,8 @@ class E2IPRun:
                               "detach_features": a.e2ip_energy_noise_detach}
                 if a.e2ip_energy_noise else None,
                 geometric=bool(getattr(a, "e2ip_geometric", False)),
+                committee={"num_members": a.e2ip_committee, "num_channels": a.e2ip_committee_channels,
+                           "detach": a.e2ip_committee_detach} if a.e2ip_committee else None,
             )
             self.model = model
             self.train_loader = train_loader
@@ -120,13 +124,14 @@ class E2IPRun:
             if head is None:
                 raise E2IPConfigError("e2ip: the model reaching the optimizer has no e2ip head")
             seen = {id(p) for g in groups for p in g["params"]}
-            extra = [getattr(model, n, None) for n in ("e2ip_energy_noise", "e2ip_geometric")]
+            extra = [getattr(model, n, None) for n in ("e2ip_energy_noise", "e2ip_geometric", "e2ip_committee")]
             head_params = [p for m in (head, *extra) if m is not None for p in m.parameters() if id(p) not in seen]
             if head_params:
                 groups.append({"name": "e2ip_head", "params": head_params, "weight_decay": 0.0, "lr": args.lr})
                 seen.update(id(p) for p in head_params)
             missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
-            if any(n.startswith(("e2ip_head.", "e2ip_energy_noise.", "e2ip_geometric.")) for n in missing):
+            if any(n.startswith(("e2ip_head.", "e2ip_energy_noise.", "e2ip_geometric.", "e2ip_committee."))
+                   for n in missing):
                 raise E2IPConfigError(f"e2ip: head parameters missing from the optimizer: {missing}")
             if missing:
                 logging.warning(f"e2ip: trainable parameters in no optimizer group (MACE's choice): {missing}")

@@ -121,17 +121,24 @@ def test_calculator_reports_covariance(f64, tmp_path):
 
 
 def test_cli_max_L0_end_to_end(tmp_path):
-    """``mace_run_train_e2ip --max_L 0`` (1 epoch, 16 frames): both files; the calculator reports the covariance."""
-    proc, work = _train(tmp_path, "--max_L", "0", epochs=1)
+    """``mace_run_train_e2ip --max_L 0`` (1 epoch, 16 frames): both files; the calculator reports the covariance.
+    The same run carries the opt-in in-model committee (``--e2ip_committee 3``, issue 26) through MACE's run: its
+    members are in the saved and the compiled model's outputs."""
+    proc, work = _train(tmp_path, "--max_L", "0", "--e2ip_committee", "3", epochs=1)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "geometric construction on the scalars of product block 1" in log
     assert "Traceback" not in log
     model = torch.load(work / "iso7_e2ip.model", weights_only=False)
     assert model.e2ip_config()["geometric"] and float(model.e2ip_novelty.novelty_calib[0]) != 1.0  # fitted
-    assert torch.jit.load(str(work / "iso7_e2ip_compiled.model")) is not None
-    calc = E2IPMACECalculator(model_paths=str(work / "iso7_e2ip.model"), device="cpu", default_dtype="float64")
+    assert model.e2ip_config()["committee_members"] == 3 and "committee_weight=0.01" in log
+    compiled = torch.jit.load(str(work / "iso7_e2ip_compiled.model"))
     mol = first_molecule()
+    batch = _batch(mol)
+    dtype = next(compiled.parameters()).dtype
+    batch = {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in batch.items()}
+    assert compiled(batch)["e2ip_committee_forces"].shape == (len(mol), 3, 3)
+    calc = E2IPMACECalculator(model_paths=str(work / "iso7_e2ip.model"), device="cpu", default_dtype="float64")
     mol.calc = calc
     mol.get_potential_energy()
     assert calc.results["forces_covariance"].shape == (len(mol), 3, 3)
