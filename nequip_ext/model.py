@@ -26,8 +26,10 @@ YAML::
         novelty: {enabled: true, mode: linear, quantile: 0.99}   # e2ip only; fitted by nequip_ext.NoveltyFitCallback
         energy_noise: {enabled: true, mlp_hidden: 16, detach_features: true}   # optional energy-noise head (issue 15, docs/energy_uncertainty.md §10);
                                                         # train it with coeffs.energy_noise: 0.001 of EvidentialEnergyForceLoss
-        committee: {enabled: true, num_members: 8}      # opt-in in-model force committee (issue 26, docs/committee.md);
-                                                        # train it with coeffs.committee of EvidentialEnergyForceLoss
+        committee: {enabled: true, kind: message, num_members: 4, num_channels: 8, detach: true}
+                                                        # opt-in in-model force committee (issue 26, docs/committee.md):
+                                                        # train it with coeffs.committee of EvidentialEnergyForceLoss;
+                                                        # its spread is the deployed U_epi (stored, validation-fitted scale)
 
 ``force_rms`` default: NequIP has no single "force scale" model argument, but its
 standard configs set ``per_type_energy_scales`` to the training force RMS
@@ -47,7 +49,11 @@ from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
+from e2ip_plugins._e3nn import o3
+
+from . import _keys as K
 from .block_committee import E2IPBlockCommitteeModule, E2IPMessageCommitteeModule
+from .committee_level import E2IPCommitteeLevelModule
 from .geometric import GEOMETRIC_MODULE_NAME, E2IPEdgeCommitteeModule, E2IPGeometricModule, geometric_options, uq_site
 from .nn import (E2IPCommitteeModule, E2IPFeatureTap, E2IPEnergyNoiseModule, E2IPEnergyUncertaintyModule, E2IPHeadModule,
                  E2IPNoveltyModule, EIPHeadModule)
@@ -57,6 +63,7 @@ HEAD_MODULE_NAME = "uq_head"
 NOVELTY_MODULE_NAME = "uq_novelty"
 ENERGY_MODULE_NAME = "uq_energy"
 COMMITTEE_MODULE_NAME = "uq_committee"
+COMMITTEE_LEVEL_NAME = "uq_committee_level"
 
 
 def _default_force_rms(per_type_energy_scales) -> float:
@@ -177,12 +184,15 @@ def attach_uq_head(
             module = E2IPCommitteeModule(irreps_in=irreps, field=field, depth_field=depth_field, **committee)
         module.detach_input = detach_members
         seq.insert(COMMITTEE_MODULE_NAME, module, before=before)
+        members = o3.Irreps(module.irreps_out[K.E2IP_COMMITTEE_FORCES_KEY]).num_irreps
     if getattr(head, "novelty_enabled", False):
         opts = {k: v for k, v in dict(cfg.get("novelty") or {}).items() if k != "enabled"}
         nov = E2IPNoveltyModule(irreps_in=seq._modules[site["novelty_after"]].irreps_out,
                                 num_species=cfg["num_species"], head_invariants=head.invariants.num_features,
                                 field=site["novelty_field"], **opts)
         seq.insert(NOVELTY_MODULE_NAME, nov, after=site["novelty_after"])
+    if committee_enabled:  # the members' spread is the deployed U_epi, with a stored scale (nequip_ext.committee_level)
+        seq.append(COMMITTEE_LEVEL_NAME, E2IPCommitteeLevelModule(irreps_in=seq.irreps_out, num_members=members))
     # energy_uncertainty (issue 15): reads the final forces_covariance, so it goes last
     if noise_enabled:
         energy = E2IPEnergyNoiseModule(irreps_in=seq.irreps_out, field=site["noise_field"], **noise)

@@ -12,6 +12,8 @@
   forward). Lightning's ``ModelCheckpoint`` saves at the end of
   validation, so every checkpoint (``best.ckpt`` used by the test run, ``last.ckpt`` for
   resuming) carries buffers fitted on its own weights.
+- With ``uq_head.committee`` (issue 26) the committee's stored scale is fitted last, on the same validation data,
+  and ℓ refitted (:mod:`nequip_ext.committee_level`).
 - ``nequip_fit_novelty_e2ip --ckpt best.ckpt --train train.xyz --val val.xyz``:
   the same fit for an existing checkpoint, written to ``--out`` (default: in place).
 """
@@ -24,12 +26,14 @@ from typing import Iterable, Iterator, List, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from e2ip_plugins.committee_level import fit_committee_scale
 from e2ip_plugins.energy_uq import fit_energy_length
 from e2ip_plugins.level import fit_stored_level
 from e2ip_plugins.novelty import NoveltyFitter, fit_novelty
 from e2ip_plugins.validation_fit import fit_from_columns, prepare_one_pass, supports_one_pass
 
-from .model import ENERGY_MODULE_NAME, NOVELTY_MODULE_NAME
+from .committee_level import committee_level
+from .model import COMMITTEE_LEVEL_NAME, ENERGY_MODULE_NAME, NOVELTY_MODULE_NAME
 
 
 def novelty_head(model: torch.nn.Module):
@@ -110,6 +114,7 @@ def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None, o
                          energy.energy if one_pass_energy else None)
         if energy is not None and not one_pass_energy:  # the head's ℓ_i, c_i are not in the columns: own pass
             fit_energy_length(energy.energy, energy_columns(model, val_batches))
+        _fit_committee(model, val_batches)
         model.train(was_training)
         return True
     if head is not None:
@@ -119,8 +124,38 @@ def fit_model_novelty(model: torch.nn.Module, train_batches, val_batches=None, o
             fit_stored_level(head.novelty, level_columns(model, val_batches))
     if val_batches is not None and energy_head(model) is not None:
         fit_energy_length(energy_head(model).energy, energy_columns(model, val_batches))  # after the level
+    if val_batches is not None:
+        _fit_committee(model, val_batches)
     model.train(was_training)
     return head is not None
+
+
+def fit_model_committee(model: torch.nn.Module, val_batches: Iterable[dict]) -> Optional[float]:
+    """Fit and store the committee's scale c on validation batches (one full forward); returns c (None: no
+    committee). The caller refits the energy length afterwards."""
+    from nequip.data import AtomicDataDict
+
+    from . import _keys as K
+
+    level = committee_level(model)
+    if level is None:
+        return None
+    cols = {"gamma": [], "y": [], "ale": [], "members": []}
+    for data, out in validation_outputs(model, val_batches):
+        gamma = out[AtomicDataDict.FORCE_KEY].detach()
+        cols["gamma"].append(gamma)
+        cols["y"].append(data[AtomicDataDict.FORCE_KEY].to(gamma.dtype))
+        cols["ale"].append(out[K.FORCES_COVARIANCE_ALEATORIC_KEY].detach())
+        cols["members"].append(out[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(gamma.shape[0], -1, 3))
+    c = fit_committee_scale(*(torch.cat(cols[k]) for k in ("gamma", "y", "ale", "members")))
+    level.level.set_scale(c)
+    return c
+
+
+def _fit_committee(model: torch.nn.Module, val_batches) -> None:
+    """With ``uq_head.committee``: the committee's stored scale on validation, then ℓ again (σ_E reads U_tot)."""
+    if fit_model_committee(model, val_batches) is not None and energy_head(model) is not None:
+        fit_energy_length(energy_head(model).energy, energy_columns(model, val_batches))
 
 
 def validation_outputs(model: torch.nn.Module, batches: Iterable[dict], device=None):
@@ -275,6 +310,14 @@ def fit_checkpoint(ckpt: str, train: str, val: Optional[str], out: Optional[str]
         targets = [k for k in sd if k.endswith(key)] or [k.split(".uq_head.")[0] + "." + key for k in sd if ".uq_head." in k]
         for k in set(targets):
             sd[k] = energy.energy.energy_noise_length.detach().clone()
+    level = committee_level(model)
+    if level is not None:  # issue 26: the committee's stored scale (added if the checkpoint predates it)
+        for name, value in level.level.named_buffers():
+            key = f"{COMMITTEE_LEVEL_NAME}.level.{name}"
+            targets = [k for k in sd if k.endswith(key)] or [k.split(".uq_head.")[0] + "." + key for k in sd
+                                                             if ".uq_head." in k]
+            for k in set(targets):
+                sd[k] = value.detach().clone()
     torch.save(state, out or ckpt)
     return {"ref": head.novelty.novelty_ref.tolist(), "calib": head.novelty.novelty_calib.tolist(),
             "written": written, "type_names": type_names,

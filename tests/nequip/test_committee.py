@@ -189,3 +189,111 @@ def test_edge_committee_core_matches_a_direct_sum():
             env = polynomial_envelope(r.reshape(1), 3.0)[0]
             want[centre[ed], k] += 0.7 / math.sqrt(4.0) * a * env * vec[ed] / r
     torch.testing.assert_close(got, want)
+
+
+# --- the committee's deployed level (nequip_ext.committee_level): fitted by nequip-train, applied on every path ---
+
+COMMITTEE_OVERRIDES = (
+    "++training_module.model.uq_head.committee={enabled: true, kind: message, num_members: 4, num_channels: 4, "
+    "detach: true}", "++training_module.loss.coeffs.committee=0.01", "++training_module.loss.committee_nll_weight=0.0")
+
+
+@pytest.fixture(scope="module")
+def committee_run(tmp_path_factory):
+    """``nequip-train -cn e2ip`` with the opt-in message committee (1 epoch, float64) and ``nequip-package build``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ._cli_helpers import DATA, nequip_train
+
+    d = tmp_path_factory.mktemp("committee")
+    nequip_train(d / "train", "run=[train]", "max_epochs=1", f"train_file={DATA / 'iso7_val.xyz'}",
+                 f"val_file={DATA / 'iso7_val.xyz'}", f"test_file={DATA / 'iso7_test.xyz'}",
+                 "training_module.model.model_dtype=float64", *COMMITTEE_OVERRIDES)
+    ckpt, pkg = d / "train" / "best.ckpt", d / "model.nequip.zip"
+    res = subprocess.run([str(Path(sys.executable).parent / "nequip-package"), "build", str(ckpt), str(pkg)], cwd=d,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return {"dir": d, "ckpt": ckpt, "package": pkg}
+
+
+def _committee_results(calc, atoms):
+    import numpy as np
+
+    a = atoms.copy()
+    a.calc = calc
+    a.get_potential_energy()
+    return {k: np.array(v, dtype=np.float64) for k, v in calc.results.items()}
+
+
+def test_committee_level_fitted_by_nequip_train_and_applied_by_every_output_path(committee_run):
+    """nequip-train fitted the committee's scale c on validation (it equals the core fit on the checkpoint's own
+    validation forward); checkpoint and package calculators report U_epi = c·(tr Ĉ/3)·I of the members,
+    U_tot = U_ale + U_epi and u = sqrt(tr U_epi/3); with c = 1, U_epi scales by 1/c and U_ale is unchanged."""
+    import ase.io
+    import numpy as np
+
+    from e2ip_plugins.committee_level import committee_variance
+    from nequip_ext import E2IPNequIPCalculator
+    from nequip_ext.committee_level import committee_level
+
+    from ._cli_helpers import DATA
+
+    sd = torch.load(committee_run["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    (c,) = [float(v) for k, v in sd.items() if k.endswith("uq_committee_level.level.committee_scale")]
+    (fitted,) = [bool(v) for k, v in sd.items() if k.endswith("uq_committee_level.level.committee_scale_fitted")]
+    assert fitted and c > 0 and c != 1.0
+    kw = dict(device="cpu", chemical_species_to_atom_type_map=True)
+    calcs = {"checkpoint": E2IPNequIPCalculator.from_saved_model(committee_run["ckpt"], **kw),
+             "package": E2IPNequIPCalculator.from_saved_model(committee_run["package"], **kw)}
+    mol = ase.io.read(DATA / "iso7_test.xyz", 0)
+    level = committee_level(calcs["checkpoint"].model)
+    members = {}
+    level.register_forward_pre_hook(lambda mod, args: members.update(
+        f=args[0][K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, 4, 3)))
+    res = {name: _committee_results(calc, mol) for name, calc in calcs.items()}
+    want = c * committee_variance(members["f"]).numpy()
+    for name, r in res.items():
+        np.testing.assert_allclose(r[K.FORCES_COVARIANCE_EPISTEMIC_KEY], want[:, None, None] * np.eye(3), rtol=1e-9,
+                                   atol=1e-15, err_msg=name)
+        np.testing.assert_allclose(r[K.FORCES_COVARIANCE_KEY], r[K.FORCES_COVARIANCE_ALEATORIC_KEY]
+                                   + r[K.FORCES_COVARIANCE_EPISTEMIC_KEY], rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(r[K.FORCES_UNCERTAINTY_KEY], np.sqrt(want), rtol=1e-9, err_msg=name)
+        assert (np.linalg.eigvalsh(r[K.FORCES_COVARIANCE_KEY]) > 0).all()
+    saved = level.level.committee_scale.clone()
+    try:
+        level.level.committee_scale.fill_(1.0)
+        calcs["checkpoint"].reset()
+        raw = _committee_results(calcs["checkpoint"], mol)
+    finally:
+        level.level.committee_scale.copy_(saved)
+    np.testing.assert_allclose(res["checkpoint"][K.FORCES_COVARIANCE_EPISTEMIC_KEY],
+                               c * raw[K.FORCES_COVARIANCE_EPISTEMIC_KEY], rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(res["checkpoint"][K.FORCES_COVARIANCE_ALEATORIC_KEY],
+                               raw[K.FORCES_COVARIANCE_ALEATORIC_KEY], rtol=1e-12)
+
+
+def test_committee_scale_refit_equals_the_core_fit_on_validation(committee_run):
+    """``fit_model_novelty`` (what NoveltyFitCallback and nequip_fit_novelty_e2ip call) stores the core's
+    :func:`fit_committee_scale` on the validation forward, and the energy length is refitted after it."""
+    from e2ip_plugins.committee_level import fit_committee_scale
+    from nequip_ext.committee_level import committee_level
+    from nequip_ext.novelty import _xyz_batches, energy_head, fit_model_novelty, validation_outputs
+    from nequip.model.saved_models.load_utils import load_saved_model
+
+    from ._cli_helpers import DATA
+
+    model = load_saved_model(str(committee_run["ckpt"]))
+    level = committee_level(model)
+    batches = list(_xyz_batches(str(DATA / "iso7_val.xyz"), model, 4.0, ["H", "C", "O"]))
+    level.level.committee_scale.fill_(1.0)
+    energy_head(model).energy.energy_noise_length[0] = 0.123
+    fit_model_novelty(model, list(_xyz_batches(str(DATA / "iso7_train.xyz"), model, 4.0, ["H", "C", "O"]))[:4],
+                      batches)
+    model.eval()
+    cols = [(d[AtomicDataDict.FORCE_KEY], o[AtomicDataDict.FORCE_KEY].detach(), o[K.FORCES_COVARIANCE_ALEATORIC_KEY].detach(),
+             o[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, 4, 3)) for d, o in validation_outputs(model, batches)]
+    y, gamma, ale, members = (torch.cat(c) for c in zip(*cols))
+    assert float(level.level.committee_scale) == pytest.approx(fit_committee_scale(gamma, y, ale, members), rel=1e-6)
+    assert energy_head(model).energy.length != pytest.approx(0.123)

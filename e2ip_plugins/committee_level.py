@@ -1,0 +1,72 @@
+"""The deployed epistemic level of an in-model force committee (issue 26): one global scale, fitted on validation.
+
+With the members' direct forces F_k,i (k = 1..M) and the head's aleatoric covariance U_ale,i:
+
+    Ĉ_i     = 1/(M−1) Σ_k (F_k,i − F̄_i)(F_k,i − F̄_i)ᵀ            the members' sample covariance
+    U_epi,i = c · (tr Ĉ_i / 3) · I                               isotropic: a 3×3 sample covariance of M = 4–8
+                                                                 members is near singular, and with it the
+                                                                 one-scale fit is degenerate (docs/committee.md)
+    U_tot,i = U_ale,i + U_epi,i,   u_i = sqrt(tr U_epi,i / 3) = sqrt(c · tr Ĉ_i / 3)
+
+The forces stay the backbone's conservative γ = −∂E/∂r. ``c`` is fitted once on validation data
+(:func:`fit_committee_scale`):
+
+    ĉ = argmin_c  mean_i −log N(y_i; γ_i, U_ale,i + c · (tr Ĉ_i / 3) · I)          (1-D Brent search in log c)
+
+and stored in :class:`CommitteeLevel`'s buffer, so every output path of the model applies it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from scipy.optimize import minimize_scalar
+
+from .force_committee import committee_covariance
+from .predictive import GaussianPredictive
+
+
+def committee_variance(member_forces: torch.Tensor) -> torch.Tensor:
+    """(N, M, 3) → tr Ĉ_i / 3, (N,): the members' mean per-component sample variance."""
+    _, cov = committee_covariance(member_forces)
+    return torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1) / 3.0
+
+
+class CommitteeLevel(torch.nn.Module):
+    """(member forces (N, M, 3), U_ale (N, 3, 3)) → (U_tot, U_epi) of the module docstring with the stored c."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("committee_scale", torch.ones(()))
+        self.register_buffer("committee_scale_fitted", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, member_forces: torch.Tensor, cov_ale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        var = self.committee_scale.to(member_forces.dtype) * committee_variance(member_forces)
+        eye = torch.eye(3, dtype=cov_ale.dtype, device=cov_ale.device)
+        epi = var.to(cov_ale.dtype).reshape(-1, 1, 1) * eye
+        return cov_ale + epi, epi
+
+    def set_scale(self, c: float) -> None:
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"the committee's scale must be finite and > 0, got {c}")
+        self.committee_scale.fill_(float(c))
+        self.committee_scale_fitted.fill_(True)
+
+
+def fit_committee_scale(gamma: torch.Tensor, y: torch.Tensor, cov_ale: torch.Tensor, member_forces: torch.Tensor,
+                        log_bounds: tuple = (-20.0, 20.0)) -> float:
+    """ĉ of the module docstring on validation atoms (γ, y (N, 3), U_ale (N, 3, 3), members (N, M, 3))."""
+    with torch.no_grad():
+        gamma, y, ale = gamma.double(), y.double(), cov_ale.double()
+        iso = committee_variance(member_forces.double()).reshape(-1, 1, 1) * torch.eye(3, dtype=torch.float64)
+        for name, t in (("forces", gamma), ("reference forces", y), ("U_ale", ale), ("committee spread", iso)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"fitting the committee's scale: the validation {name} hold NaN/Inf")
+
+        def objective(logc: float) -> float:
+            return float(GaussianPredictive(mean=gamma, cov_epistemic=math.exp(logc) * iso, cov_aleatoric=ale).nll(y).mean())
+
+        res = minimize_scalar(objective, bounds=log_bounds, method="bounded", options={"xatol": 1e-8})
+    return float(math.exp(res.x))
