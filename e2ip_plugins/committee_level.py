@@ -24,14 +24,15 @@ from typing import Tuple
 import torch
 from scipy.optimize import minimize_scalar
 
-from .force_committee import committee_covariance
+from .level import _gather_columns
 from .predictive import GaussianPredictive
 
 
 def committee_variance(member_forces: torch.Tensor) -> torch.Tensor:
-    """(N, M, 3) → tr Ĉ_i / 3, (N,): the members' mean per-component sample variance."""
-    _, cov = committee_covariance(member_forces)
-    return torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1) / 3.0
+    """(N, M, 3) → tr Ĉ_i / 3 = Σ_k ‖F_k,i − F̄_i‖² / (3(M−1)), (N,): the members' mean per-component sample
+    variance (TorchScript-able; equals the trace of :func:`~e2ip_plugins.force_committee.committee_covariance`)."""
+    centred = member_forces - member_forces.mean(dim=1, keepdim=True)
+    return (centred * centred).sum(dim=(1, 2)) / (3.0 * (member_forces.shape[1] - 1))
 
 
 class CommitteeLevel(torch.nn.Module):
@@ -57,10 +58,13 @@ class CommitteeLevel(torch.nn.Module):
 
 def fit_committee_scale(gamma: torch.Tensor, y: torch.Tensor, cov_ale: torch.Tensor, member_forces: torch.Tensor,
                         log_bounds: tuple = (-20.0, 20.0)) -> float:
-    """ĉ of the module docstring on validation atoms (γ, y (N, 3), U_ale (N, 3, 3), members (N, M, 3))."""
+    """ĉ of the module docstring on validation atoms (γ, y (N, 3), U_ale (N, 3, 3), members (N, M, 3)); under
+    ``torch.distributed`` the atoms of all ranks are gathered first, so every rank stores the same c."""
     with torch.no_grad():
-        gamma, y, ale = gamma.double(), y.double(), cov_ale.double()
-        iso = committee_variance(member_forces.double()).reshape(-1, 1, 1) * torch.eye(3, dtype=torch.float64)
+        cols = _gather_columns({"gamma": gamma.double(), "y": y.double(), "ale": cov_ale.double(),
+                                "members": member_forces.double()})  # every DDP rank fits on all ranks' atoms
+        gamma, y, ale, member_forces = (cols[k] for k in ("gamma", "y", "ale", "members"))
+        iso = committee_variance(member_forces).reshape(-1, 1, 1) * torch.eye(3, dtype=torch.float64)
         for name, t in (("forces", gamma), ("reference forces", y), ("U_ale", ale), ("committee spread", iso)):
             if not torch.isfinite(t).all():
                 raise ValueError(f"fitting the committee's scale: the validation {name} hold NaN/Inf")

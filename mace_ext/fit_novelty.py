@@ -6,7 +6,8 @@
 One pass over the training structures (per-element feature moments), one over the
 validation structures (reference quantile), one full forward over the validation structures
 with their reference forces (``--forces_key``) for the stored calibration [c, β]
-(:mod:`e2ip_plugins.level`), and one with their reference energies (``--energy_key``) for the stored
+(:mod:`e2ip_plugins.level`) and, with ``--e2ip_committee``, one for the committee's stored scale
+(:mod:`e2ip_plugins.committee_level`), and one with their reference energies (``--energy_key``) for the stored
 energy length of ``energy_uncertainty`` (:mod:`mace_ext.energy_uq`), as ``mace_run_train_e2ip`` does after training; writes the
 ``.model`` and, like MACE's run, a TorchScript ``<output>_compiled.model``.
 """
@@ -22,11 +23,12 @@ from typing import List, Optional
 import torch
 
 from e2ip_plugins import novelty as core_novelty
+from e2ip_plugins.committee_level import fit_committee_scale
 from e2ip_plugins.level import fit_stored_level
 
 from .energy_uq import fit_energy_noise
 from .model import E2IPMixin
-from .validation_columns import level_columns
+from .validation_columns import committee_columns, level_columns
 
 
 def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device=None) -> bool:
@@ -69,6 +71,10 @@ def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device
         logging.info("e2ip: stored calibration fitted on %d validation atoms: c = %.4g, beta = %.4g "
                      "(val NLL %.4f, head alone %.4f)", int(res["atoms"]), res["c"], res["beta"], res["nll"],
                      res["nll_head"])
+        if model.e2ip_committee_enabled:  # issue 26: the committee's stored scale, before the energy length
+            c = fit_committee_scale(*committee_columns(model, valid_loaders, device))
+            model.e2ip_committee_level.set_scale(c)
+            logging.info("e2ip: the in-model committee's stored scale fitted on validation: c = %.4g", c)
         fit_energy_noise(model, valid_loaders, device)
     else:
         logging.warning("e2ip: no validation data: the stored calibration stays at c = 1, beta = 0")

@@ -43,6 +43,7 @@ import e2ip_plugins
 from e2ip_plugins import EIPHead, EvidentialHead
 from e2ip_plugins._e3nn import o3
 from e2ip_plugins.head_covariance import covariance_uncertainty, eip_covariances, niw_covariances
+from e2ip_plugins.committee_level import CommitteeLevel
 from e2ip_plugins.energy_noise_head import EnergyNoiseHead, NoEnergyNoiseHead
 from e2ip_plugins.energy_uq import LEGACY_WARNING, EnergyUncertainty
 from e2ip_plugins.level import scale_sigma0
@@ -172,6 +173,9 @@ class E2IPMixin:
             cov, cov_epi, cov_ale = eip_covariances(
                 head_out["eip_nu"], head_out["eip_alpha"], head_out["eip_beta"], self.e2ip_quantile
             )
+        members = out.get("e2ip_committee_forces")
+        if members is not None:  # issue 26: the committee's spread is U_epi, with its stored scale
+            cov, cov_epi = self.e2ip_committee_level(members, cov_ale)
         out["forces_covariance"] = cov
         out["forces_covariance_epistemic"] = cov_epi
         out["forces_covariance_aleatoric"] = cov_ale
@@ -216,6 +220,8 @@ class E2IPMixin:
             self.e2ip_committee = NoCommittee()
             self.e2ip_committee_enabled = False
             self.e2ip_committee_detach = True
+        if "e2ip_committee_level" not in self._modules:
+            self.e2ip_committee_level = CommitteeLevel()
 
     def e2ip_config(self) -> Dict[str, Any]:
         return {
@@ -368,6 +374,7 @@ def attach_e2ip_head(
     model.e2ip_committee = committee_module
     model.e2ip_committee_enabled = bool(com)
     model.e2ip_committee_detach = committee_detach
+    model.e2ip_committee_level = CommitteeLevel()  # its scale is fitted by mace_ext.fit_novelty (with a committee)
     source = f"the geometric construction on the scalars of product block {idx}" if geometric else \
         f"product block {idx}"
     logging.info(

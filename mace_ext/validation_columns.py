@@ -26,6 +26,14 @@ def level_columns(model: torch.nn.Module, loaders, device):
         }
 
 
+def committee_columns(model: torch.nn.Module, loaders, device):
+    """(γ, y, U_ale, members (N, M, 3)) over the validation atoms: the columns of
+    :func:`e2ip_plugins.committee_level.fit_committee_scale` (issue 26)."""
+    cols = [(out["forces"].detach(), data["forces"], out["forces_covariance_aleatoric"].detach(),
+             out["e2ip_committee_forces"].detach()) for data, out in validation_outputs(model, loaders, device)]
+    return tuple(torch.cat(c) for c in zip(*cols))
+
+
 def energy_columns(model: torch.nn.Module, loaders, device):
     """Yield per-structure validation energy residuals (structures with an energy) and the variance the stored
     factor k scales, (σ_E/k)²: Σ_i tr U_tot,i/3, or A² + Σ_i ℓ_i² tr U_tot,i/3 with the energy-noise head."""

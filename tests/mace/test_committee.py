@@ -104,3 +104,36 @@ def test_bad_options_are_named():
             check_e2ip_args(args)
     with pytest.raises(E2IPConfigError, match="committee"):
         attach_e2ip_head(tiny_mace(1), committee={"num_members": 1})
+
+
+def test_deployed_level_is_the_scaled_member_spread_and_fit_novelty_fits_it(f64):
+    """With a committee, U_epi = c·(tr Ĉ/3)·I of the members, U_tot = U_ale + U_epi, u = sqrt(tr U_epi/3);
+    ``fit_novelty`` (run by mace_run_train_e2ip and mace_fit_novelty_e2ip) stores the core's fit of c on the
+    validation forward; compiled = eager with the stored scale."""
+    from e3nn.util import jit
+
+    from e2ip_plugins.committee_level import committee_variance, fit_committee_scale
+    from mace_ext.fit_novelty import fit_novelty, frames_loader, read_frames
+    from mace_ext.validation_columns import committee_columns
+
+    from .helpers import DATA
+
+    model = _model()
+    train = frames_loader(read_frames(str(DATA / "iso7_train.xyz"), model)[:8], model, 4)
+    val = frames_loader(read_frames(str(DATA / "iso7_val.xyz"), model)[:8], model, 4)
+    assert not bool(model.e2ip_committee_level.committee_scale_fitted)
+    fit_novelty(model, train, [val])
+    c = float(model.e2ip_committee_level.committee_scale)
+    assert bool(model.e2ip_committee_level.committee_scale_fitted) and c != 1.0
+    model.e2ip_committee_level.committee_scale.fill_(1.0)
+    assert fit_committee_scale(*committee_columns(model, [val], "cpu")) == pytest.approx(c, rel=1e-6)
+    model.e2ip_committee_level.committee_scale.fill_(c)
+    batch = _batch([first_molecule()]).to_dict()
+    out = model(batch)
+    var = c * committee_variance(out["e2ip_committee_forces"].detach())
+    torch.testing.assert_close(out["forces_covariance_epistemic"].detach(), var[:, None, None] * torch.eye(3))
+    torch.testing.assert_close(out["forces_covariance"], out["forces_covariance_aleatoric"] + out["forces_covariance_epistemic"])
+    torch.testing.assert_close(out["forces_uncertainty"].detach(), var.sqrt())
+    got = jit.compile(deepcopy(model))(batch)
+    for key in ("forces_covariance", "forces_uncertainty", "energy_uncertainty"):
+        torch.testing.assert_close(got[key], out[key], rtol=0, atol=1e-10, msg=key)

@@ -11,6 +11,7 @@ from nequip.data import AtomicDataDict
 
 from e2ip_plugins.force_committee import committee_loss
 
+from ._cli_helpers import SLOW
 from .test_energy_uq import CFG, _graphs, _rotated
 
 M = 4
@@ -297,3 +298,31 @@ def test_committee_scale_refit_equals_the_core_fit_on_validation(committee_run):
     y, gamma, ale, members = (torch.cat(c) for c in zip(*cols))
     assert float(level.level.committee_scale) == pytest.approx(fit_committee_scale(gamma, y, ale, members), rel=1e-6)
     assert energy_head(model).energy.length != pytest.approx(0.123)
+
+
+@pytest.mark.skipif(not SLOW, reason="a third AOTInductor compile (1.5-4 min): set E2IP_SLOW_TESTS=1")
+def test_committee_level_applied_by_the_aoti_e2ip_ase_target(committee_run):
+    """``nequip-compile --mode aotinductor --target e2ip_ase`` of the committee model reports the checkpoint's
+    covariances (the stored committee scale included)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ase.io
+    import numpy as np
+
+    from nequip_ext import E2IPNequIPCalculator
+
+    from ._cli_helpers import DATA
+
+    pt2 = committee_run["dir"] / "model.nequip.pt2"
+    res = subprocess.run([str(Path(sys.executable).parent / "nequip-compile"), str(committee_run["package"]), str(pt2),
+                          "--mode", "aotinductor", "--device", "cpu", "--target", "e2ip_ase"], cwd=committee_run["dir"],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    kw = dict(device="cpu", chemical_species_to_atom_type_map=True)
+    mol = ase.io.read(DATA / "iso7_test.xyz", 0)
+    want = _committee_results(E2IPNequIPCalculator.from_saved_model(committee_run["ckpt"], **kw), mol)
+    got = _committee_results(E2IPNequIPCalculator.from_compiled_model(pt2, **kw), mol)
+    for k in (K.FORCES_COVARIANCE_KEY, K.FORCES_COVARIANCE_EPISTEMIC_KEY, K.FORCES_UNCERTAINTY_KEY):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-8, atol=1e-12 * np.abs(want[k]).max(), err_msg=k)
