@@ -76,26 +76,29 @@ class MessageCommittee(torch.nn.Module):
 
     def forward(self, features: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
                 edge_vectors: torch.Tensor) -> torch.Tensor:
+        # layout: channels (member-major, M·K) last and contiguous, the Cartesian axis before them, so every
+        # per-edge product broadcasts over one contiguous axis of length M·K
         n, m, k = features.shape[0], self.num_members, self.k
+        mk = m * k
         x = self.linear(features)
-        s = x[:, : m * k].reshape(n, m, k)
+        s = x[:, :mk]
         if self.has_vectors:
-            v = x[:, m * k:].reshape(n, m, k, 3)
+            v = x[:, mk:].reshape(n, mk, 3).transpose(1, 2).contiguous()  # (N, 3, M·K)
         else:
-            v = torch.zeros(n, m, k, 3, dtype=x.dtype, device=x.device)
+            v = torch.zeros(n, 3, mk, dtype=x.dtype, device=x.device)
         r = torch.linalg.norm(edge_vectors, dim=-1)
-        rhat = (edge_vectors / r.clamp_min(1e-9).unsqueeze(-1)).unsqueeze(1).unsqueeze(1)  # (E, 1, 1, 3)
+        rhat = (edge_vectors / r.clamp_min(1e-9).unsqueeze(-1)).unsqueeze(-1)  # (E, 3, 1)
         basis = bessel_basis(r, self.freqs.to(r.dtype), self.r_max)
         hid = torch.nn.functional.silu(torch.einsum("eb,mbh->emh", basis, self.radial1))
-        w = torch.einsum("emh,mhp->emp", hid, self.radial2)
-        w = (w * (polynomial_envelope(r, self.r_max) * self.norm).reshape(-1, 1, 1)).reshape(-1, m, 4, k)
+        w = torch.einsum("emh,mhqk->eqmk", hid, self.radial2.reshape(m, -1, 4, k)).reshape(-1, 4, mk)
+        w = w * (polynomial_envelope(r, self.r_max) * self.norm).reshape(-1, 1, 1)  # (E, 4, M·K)
         sj, vj = s[neighbor], v[neighbor]
-        msg_s = w[:, :, 0] * sj + w[:, :, 1] * (vj * rhat).sum(-1)
-        msg_v = (w[:, :, 2] * sj).unsqueeze(-1) * rhat + w[:, :, 3].unsqueeze(-1) * vj
-        agg_s = torch.zeros_like(s).index_add(0, center, msg_s)
-        agg_v = torch.zeros_like(v).index_add(0, center, msg_v)
+        msg_s = w[:, 0] * sj + w[:, 1] * (vj * rhat).sum(1)
+        msg_v = rhat * (w[:, 2] * sj).unsqueeze(1) + w[:, 3].unsqueeze(1) * vj
+        agg_s = torch.zeros_like(s).index_add(0, center, msg_s).reshape(n, m, k)
+        agg_v = torch.zeros_like(v).index_add(0, center, msg_v).reshape(n, 3, m, k)
         gate = torch.sigmoid(torch.einsum("nmk,mkj->nmj", agg_s, self.gate_msg)
-                             + torch.einsum("nmk,mkj->nmj", s, self.gate_self) + self.gate_bias)
-        u = gate.unsqueeze(-1) * (torch.einsum("nmka,mkj->nmja", agg_v, self.vec_msg)
-                                  + torch.einsum("nmka,mkj->nmja", v, self.vec_self))
-        return self.force_rms * torch.einsum("nmka,mk->nma", u, self.readout) / math.sqrt(k)
+                             + torch.einsum("nmk,mkj->nmj", s.reshape(n, m, k), self.gate_self) + self.gate_bias)
+        u = gate.unsqueeze(1) * (torch.einsum("namk,mkj->namj", agg_v, self.vec_msg)
+                                 + torch.einsum("namk,mkj->namj", v.reshape(n, 3, m, k), self.vec_self))
+        return self.force_rms * torch.einsum("namk,mk->nma", u, self.readout) / math.sqrt(k)

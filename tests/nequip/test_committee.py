@@ -287,10 +287,13 @@ def test_committee_scale_refit_equals_the_core_fit_on_validation(committee_run):
 
     model = load_saved_model(str(committee_run["ckpt"]))
     level = committee_level(model)
-    batches = list(_xyz_batches(str(DATA / "iso7_val.xyz"), model, 4.0, ["H", "C", "O"]))
+    from nequip.nn.graph_model import R_MAX_KEY, TYPE_NAMES_KEY
+
+    r_max, types = float(model.metadata[R_MAX_KEY]), str(model.metadata[TYPE_NAMES_KEY]).split(" ")
+    batches = list(_xyz_batches(str(DATA / "iso7_val.xyz"), model, r_max, types))
     level.level.committee_scale.fill_(1.0)
     energy_head(model).energy.energy_noise_length[0] = 0.123
-    fit_model_novelty(model, list(_xyz_batches(str(DATA / "iso7_train.xyz"), model, 4.0, ["H", "C", "O"]))[:4],
+    fit_model_novelty(model, list(_xyz_batches(str(DATA / "iso7_train.xyz"), model, r_max, types))[:4],
                       batches)
     model.eval()
     cols = [(d[AtomicDataDict.FORCE_KEY], o[AtomicDataDict.FORCE_KEY].detach(), o[K.FORCES_COVARIANCE_ALEATORIC_KEY].detach(),
@@ -298,6 +301,17 @@ def test_committee_scale_refit_equals_the_core_fit_on_validation(committee_run):
     y, gamma, ale, members = (torch.cat(c) for c in zip(*cols))
     assert float(level.level.committee_scale) == pytest.approx(fit_committee_scale(gamma, y, ale, members), rel=1e-6)
     assert energy_head(model).energy.length != pytest.approx(0.123)
+    # nequip_fit_novelty_e2ip (fit_checkpoint) writes the committee's scale into the checkpoint it saves
+    from nequip_ext.novelty import fit_checkpoint
+
+    out = committee_run["dir"] / "refit.ckpt"
+    fit_checkpoint(str(committee_run["ckpt"]), str(DATA / "iso7_val.xyz"), str(DATA / "iso7_val.xyz"), out=str(out))
+    refit = load_saved_model(str(out)).eval()
+    stored = float(committee_level(refit).level.committee_scale)
+    cols = [(d[AtomicDataDict.FORCE_KEY], o[AtomicDataDict.FORCE_KEY].detach(), o[K.FORCES_COVARIANCE_ALEATORIC_KEY].detach(),
+             o[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, 4, 3)) for d, o in validation_outputs(refit, batches)]
+    y, gamma, ale, members = (torch.cat(c) for c in zip(*cols))
+    assert stored != 1.0 and stored == pytest.approx(fit_committee_scale(gamma, y, ale, members), rel=1e-6)
 
 
 @pytest.mark.skipif(not SLOW, reason="a third AOTInductor compile (1.5-4 min): set E2IP_SLOW_TESTS=1")
