@@ -23,12 +23,13 @@ from typing import Optional
 import torch
 
 from nequip.data import AtomicDataDict
-from nequip.nn import ConvNetLayer, GraphModuleMixin, with_edge_vectors_
+from nequip.nn import ConvNetLayer, GraphModuleMixin
 
 from e2ip_plugins._e3nn import o3
 from e2ip_plugins.message_committee import MessageCommittee
 
 from . import _keys as K
+from .geometric import edge_committee_forward
 
 
 class E2IPBlockCommitteeModule(GraphModuleMixin, torch.nn.Module):
@@ -120,12 +121,5 @@ class E2IPMessageCommitteeModule(GraphModuleMixin, torch.nn.Module):
         self.committee = MessageCommittee(self.irreps_in[nf], r_max, avg_num_neighbors=avg_num_neighbors, **committee)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        data = with_edge_vectors_(data, with_lengths=False)
-        edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
-        h = data[AtomicDataDict.NODE_FEATURES_KEY]
-        vectors = data[AtomicDataDict.EDGE_VECTORS_KEY]
-        if self.training and self.detach_input:
-            h, vectors = h.detach(), vectors.detach()
-        f = self.committee(h, edge_index[0], edge_index[1], vectors.to(h.dtype))
-        data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)
-        return data
+        return edge_committee_forward(self.committee, data, data[AtomicDataDict.NODE_FEATURES_KEY],
+                                      self.training and self.detach_input)

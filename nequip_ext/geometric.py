@@ -180,12 +180,19 @@ class E2IPEdgeCommitteeModule(GraphModuleMixin, torch.nn.Module):
                           irreps_out={K.E2IP_COMMITTEE_FORCES_KEY: f"{members}x1o"})
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
-        data = with_edge_vectors_(data, with_lengths=False)
-        edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
-        h = data[self.field].index_select(1, self.scalar_columns)
-        vectors = data[AtomicDataDict.EDGE_VECTORS_KEY]
-        if self.training and self.detach_input:
-            h, vectors = h.detach(), vectors.detach()
-        f = self.committee(h, edge_index[0], edge_index[1], vectors.to(h.dtype))
-        data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)
-        return data
+        return edge_committee_forward(self.committee, data, data[self.field].index_select(1, self.scalar_columns),
+                                      self.training and self.detach_input)
+
+
+def edge_committee_forward(committee: torch.nn.Module, data: AtomicDataDict.Type, h: torch.Tensor,
+                           detach: bool) -> AtomicDataDict.Type:
+    """Run a core committee ``(h, centre, neighbour, r_j − r_i) → (N, M, 3)`` on NequIP's edges; write
+    ``e2ip_committee_forces`` (N, 3M). ``detach``: the members read h and the edge vectors cut from the graph."""
+    data = with_edge_vectors_(data, with_lengths=False)
+    edge_index = data[AtomicDataDict.EDGE_INDEX_KEY]
+    vectors = data[AtomicDataDict.EDGE_VECTORS_KEY]
+    if detach:
+        h, vectors = h.detach(), vectors.detach()
+    f = committee(h, edge_index[0], edge_index[1], vectors.to(h.dtype))
+    data[K.E2IP_COMMITTEE_FORCES_KEY] = f.reshape(f.shape[0], -1)
+    return data
