@@ -13,7 +13,8 @@ The forces stay the backbone's conservative γ = −∂E/∂r. ``c`` is fitted o
 
     ĉ = argmin_c  mean_i −log N(y_i; γ_i, U_ale,i + c · (tr Ĉ_i / 3) · I)          (1-D Brent search in log c)
 
-and stored in :class:`CommitteeLevel`'s buffer, so every output path of the model applies it.
+and stored in :class:`CommitteeLevel`'s buffer, so every output path of the model applies it. The deployed
+predictive (metrics, plots, the demo's table) is then N(γ, U_tot) (:func:`committee_predictive`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ class CommitteeLevel(torch.nn.Module):
             raise ValueError(f"the committee's scale must be finite and > 0, got {c}")
         self.committee_scale.fill_(float(c))
         self.committee_scale_fitted.fill_(True)
+
+
+def committee_predictive(forces: torch.Tensor, cov_epistemic: torch.Tensor,
+                         cov_aleatoric: torch.Tensor) -> GaussianPredictive:
+    """The deployed predictive of a model with a committee level: N(γ, U_ale + U_epi), the form c is fitted in."""
+    dtype = forces.dtype
+    return GaussianPredictive(mean=forces, cov_epistemic=cov_epistemic.to(dtype), cov_aleatoric=cov_aleatoric.to(dtype))
 
 
 def fit_committee_scale(gamma: torch.Tensor, y: torch.Tensor, cov_ale: torch.Tensor, member_forces: torch.Tensor,

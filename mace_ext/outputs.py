@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from e2ip_plugins import eip_predictive, evidential_predictive
+from e2ip_plugins.committee_level import committee_predictive
 
 HEAD_TYPES = ("e2ip", "eip")
 
@@ -71,7 +72,12 @@ def output_head_type(out: Dict[str, Any]) -> Optional[str]:
 
 
 def predictive_from_output(out: Dict[str, Any], quantile: float = 0.5, forces: Optional[torch.Tensor] = None):
-    """e2ip_plugins predictive (Student-t or per-component) of an E2IP model output dict."""
+    """e2ip_plugins predictive (Student-t or per-component) of an E2IP model output dict; with the in-model
+    committee (issue 26) the deployed N(γ, U_tot) of its covariance keys."""
+    if out.get("e2ip_committee_forces") is not None and out.get("forces_covariance_epistemic") is not None:
+        cov = out["forces_covariance_epistemic"]
+        gamma = forces if forces is not None else zeros_forces(out, cov.shape[0], cov)
+        return committee_predictive(gamma, cov, out["forces_covariance_aleatoric"])
     head_type = output_head_type(out)
     if head_type is None:
         raise KeyError("model output holds no e2ip/eip evidence keys")

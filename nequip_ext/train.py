@@ -30,6 +30,7 @@ from nequip.data import AtomicDataDict
 from nequip.train import EnergyForceLoss, EnergyForceMetrics, MetricsManager
 
 import e2ip_plugins
+from e2ip_plugins.committee_level import committee_predictive
 from e2ip_plugins.energy_noise_head import coherent_head_loss
 from e2ip_plugins.force_committee import committee_loss
 from e2ip_plugins.metrics import COLUMNS, atom_columns, compute_metrics
@@ -70,9 +71,13 @@ def head_out(data: AtomicDataDict.Type, dtype: Optional[torch.dtype] = None) -> 
 
 
 def predictive(data: AtomicDataDict.Type, q: float = 0.5, dtype: Optional[torch.dtype] = None):
-    """Per-atom force predictive (e2ip_plugins) from a model output dict."""
+    """Per-atom force predictive (e2ip_plugins) from a model output dict: with a committee level (issue 26) the
+    deployed N(γ, U_tot) of its covariance keys, else the head's predictive from its evidence."""
     forces = data[AtomicDataDict.FORCE_KEY]
     forces = forces if dtype is None else forces.to(dtype)
+    if K.E2IP_COMMITTEE_FORCES_KEY in data and K.FORCES_COVARIANCE_EPISTEMIC_KEY in data:
+        return committee_predictive(forces, data[K.FORCES_COVARIANCE_EPISTEMIC_KEY],
+                                    data[K.FORCES_COVARIANCE_ALEATORIC_KEY])
     if head_kind(data) == "e2ip":
         return e2ip_plugins.evidential_predictive(forces, head_out(data, dtype))
     return e2ip_plugins.eip_predictive(forces, head_out(data, dtype), q=q)

@@ -113,7 +113,9 @@ def test_deployed_level_is_the_scaled_member_spread_and_fit_novelty_fits_it(f64)
     from e3nn.util import jit
 
     from e2ip_plugins.committee_level import committee_variance, fit_committee_scale
+    from e2ip_plugins.predictive import GaussianPredictive
     from mace_ext.fit_novelty import fit_novelty, frames_loader, read_frames
+    from mace_ext.outputs import predictive_from_output
     from mace_ext.validation_columns import committee_columns
 
     from .helpers import DATA
@@ -134,6 +136,9 @@ def test_deployed_level_is_the_scaled_member_spread_and_fit_novelty_fits_it(f64)
     torch.testing.assert_close(out["forces_covariance_epistemic"].detach(), var[:, None, None] * torch.eye(3))
     torch.testing.assert_close(out["forces_covariance"], out["forces_covariance_aleatoric"] + out["forces_covariance_epistemic"])
     torch.testing.assert_close(out["forces_uncertainty"].detach(), var.sqrt())
+    pred = predictive_from_output(out, forces=out["forces"])  # what the eval metrics read: N(γ, U_tot)
+    assert isinstance(pred, GaussianPredictive)
+    torch.testing.assert_close(pred.covariance, out["forces_covariance"])
     got = jit.compile(deepcopy(model))(batch)
     for key in ("forces_covariance", "forces_uncertainty", "energy_uncertainty"):
         torch.testing.assert_close(got[key], out[key], rtol=0, atol=1e-10, msg=key)

@@ -36,6 +36,25 @@ def test_members_rotate_with_the_structure():
     torch.testing.assert_close(fr, f @ rot.T, rtol=1e-7, atol=1e-10)
 
 
+def test_deployed_predictive_is_the_committee_level():
+    """With a committee the model's covariance keys are U_ale + c·(tr Ĉ/3)·I (uq_committee_level, before
+    uq_energy), and the predictive the metrics and the demo read is N(γ, U_tot) of those keys."""
+    from e2ip_plugins.committee_level import committee_variance
+    from e2ip_plugins.predictive import GaussianPredictive
+    from nequip_ext.train import predictive
+
+    m = _model()
+    m.eval()
+    names = list((m.model.func if hasattr(m, "model") else m.func)._modules)
+    assert names.index("uq_committee_level") == names.index("uq_energy") - 1
+    out = m(dict(_graphs(1)[0]))
+    var = committee_variance(out[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, M, 3))
+    torch.testing.assert_close(out[K.FORCES_COVARIANCE_EPISTEMIC_KEY].detach(), var[:, None, None] * torch.eye(3, dtype=var.dtype))
+    pred = predictive(out)
+    assert isinstance(pred, GaussianPredictive)
+    torch.testing.assert_close(pred.covariance, out[K.FORCES_COVARIANCE_KEY])
+
+
 def test_loss_term_is_the_core_loss_and_reaches_the_backbone():
     from nequip_ext.train import CommitteeLossMetric
 
