@@ -43,7 +43,8 @@ def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device
     if not isinstance(model, E2IPMixin):
         return False
     if not model.e2ip_novelty_enabled:
-        if valid_loaders:  # no force level to fit, but the energy length still is
+        if valid_loaders:  # no force level to fit, but the committee's scale and the energy length still are
+            _fit_committee(model, valid_loaders, device or next(model.parameters()).device)
             fit_energy_noise(model, valid_loaders, device)
         return False
     ref = next(model.parameters())
@@ -71,15 +72,24 @@ def fit_novelty(model: torch.nn.Module, train_loader, valid_loaders=None, device
         logging.info("e2ip: stored calibration fitted on %d validation atoms: c = %.4g, beta = %.4g "
                      "(val NLL %.4f, head alone %.4f)", int(res["atoms"]), res["c"], res["beta"], res["nll"],
                      res["nll_head"])
-        if model.e2ip_committee_enabled:  # issue 26: the committee's stored scale, before the energy length
-            c = fit_committee_scale(*committee_columns(model, valid_loaders, device))
-            model.e2ip_committee_level.set_scale(c)
-            logging.info("e2ip: the in-model committee's stored scale fitted on validation: c = %.4g", c)
+        _fit_committee(model, valid_loaders, device)  # before the energy length (σ_E reads U_tot)
         fit_energy_noise(model, valid_loaders, device)
     else:
         logging.warning("e2ip: no validation data: the stored calibration stays at c = 1, beta = 0")
     model.train(was_training)
     return True
+
+
+def _fit_committee(model: torch.nn.Module, valid_loaders, device) -> None:
+    """With ``--e2ip_committee`` (issue 26): fit and store the committee's scale c on the validation forward."""
+    if not model.e2ip_committee_enabled:
+        return
+    was_training = model.training
+    model.eval()
+    c = fit_committee_scale(*committee_columns(model, valid_loaders, device))
+    model.e2ip_committee_level.set_scale(c)
+    model.train(was_training)
+    logging.info("e2ip: the in-model committee's stored scale fitted on validation: c = %.4g", c)
 
 
 def read_frames(path: str, model, forces_key: str = "REF_forces") -> list:
