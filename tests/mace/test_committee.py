@@ -142,3 +142,17 @@ def test_deployed_level_is_the_scaled_member_spread_and_fit_novelty_fits_it(f64)
     got = jit.compile(deepcopy(model))(batch)
     for key in ("forces_covariance", "forces_uncertainty", "energy_uncertainty"):
         torch.testing.assert_close(got[key], out[key], rtol=0, atol=1e-10, msg=key)
+
+
+def test_committee_scale_fitted_without_novelty(f64):
+    """``--e2ip_novelty false`` with a committee: ``fit_novelty`` still fits and stores the committee's scale."""
+    from mace_ext.fit_novelty import fit_novelty, frames_loader, read_frames
+
+    from .helpers import DATA
+
+    torch.manual_seed(0)
+    model = attach_e2ip_head(tiny_mace(1), force_rms=1.1, num_channels=4, mlp_hidden=8, novelty={"enabled": False},
+                             committee=dict(num_members=M, num_channels=3, seed=0))
+    val = frames_loader(read_frames(str(DATA / "iso7_val.xyz"), model)[:8], model, 4)
+    assert not fit_novelty(model, None, [val])
+    assert bool(model.e2ip_committee_level.committee_scale_fitted)
