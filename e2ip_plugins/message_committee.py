@@ -26,6 +26,7 @@ trained by :func:`e2ip_plugins.force_committee.committee_loss` unchanged.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -41,11 +42,12 @@ class MessageCommittee(torch.nn.Module):
         irreps_in: backbone node-feature irreps (0e and 1o parts are used; scalars alone work too).
         r_max: cutoff (Å) of the radial basis and envelope. avg_num_neighbors: n̄ of the edge sum.
         num_members: M ≥ 2. num_channels: K. num_basis / radial_hidden: the members' radial MLP.
-        force_rms: σ_F (eV/Å). seed: generator seed of the members' initialisation.
+        force_rms: σ_F (eV/Å). seed: generator seed of the members' initialisation (None: drawn from torch's
+            global generator).
     """
 
     def __init__(self, irreps_in, r_max: float, num_members: int = 4, num_channels: int = 8, num_basis: int = 8,
-                 radial_hidden: int = 16, avg_num_neighbors: float = 10.0, force_rms: float = 1.0, seed: int = 0):
+                 radial_hidden: int = 16, avg_num_neighbors: float = 10.0, force_rms: float = 1.0, seed: Optional[int] = None):
         super().__init__()
         if int(num_members) < 2:
             raise ValueError(f"a committee needs num_members >= 2, got {num_members}")
@@ -58,6 +60,8 @@ class MessageCommittee(torch.nn.Module):
         self.has_vectors = any(ir == o3.Irrep("1o") for _, ir in irreps_in)
         out = f"{m * k}x0e+{m * k}x1o" if self.has_vectors else f"{m * k}x0e"
         self.linear = o3.Linear(irreps_in, o3.Irreps(out))  # M·K outputs per irrep: M independent input maps
+        if seed is None:  # no seed: the caller's generator draws one (seeded runs differ, reproducibly)
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
         g = torch.Generator().manual_seed(int(seed))
         with torch.no_grad():
             for w in self.linear.parameters():

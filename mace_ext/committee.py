@@ -28,7 +28,5 @@ class NoCommittee(torch.nn.Module):
 def build_committee(model: torch.nn.Module, irreps, force_rms: float, num_members: int, num_channels: int = 8,
                     seed: Optional[int] = None) -> MessageCommittee:
     """The members on ``irreps`` (the head's input) with the model's r_max and n̄; no seed: the generator draws one."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
     return MessageCommittee(irreps, float(model.r_max), num_members=num_members, num_channels=num_channels,
                             avg_num_neighbors=avg_num_neighbors(model), force_rms=force_rms, seed=seed)

@@ -116,8 +116,6 @@ class E2IPMessageCommitteeModule(GraphModuleMixin, torch.nn.Module):
         members = int(committee.get("num_members", 4))
         self._init_irreps(irreps_in=irreps_in, required_irreps_in=[nf],
                           irreps_out={K.E2IP_COMMITTEE_FORCES_KEY: f"{members}x1o"})
-        if committee.get("seed") is None:  # no seed given: the model's generator draws one (seeded runs differ)
-            committee["seed"] = int(torch.randint(0, 2**31 - 1, ()).item())
         self.committee = MessageCommittee(self.irreps_in[nf], r_max, avg_num_neighbors=avg_num_neighbors, **committee)
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:

@@ -28,9 +28,8 @@ class E2IPCommitteeLevelModule(GraphModuleMixin, torch.nn.Module):
     """Reads ``e2ip_committee_forces`` (N, 3M) and ``forces_covariance_aleatoric``; writes the covariance keys
     and ``forces_uncertainty`` of :class:`e2ip_plugins.committee_level.CommitteeLevel` (stored scale c)."""
 
-    def __init__(self, irreps_in, num_members: int):
+    def __init__(self, irreps_in):
         super().__init__()
-        self.num_members = int(num_members)
         self._init_irreps(irreps_in=irreps_in,
                           required_irreps_in=[K.E2IP_COMMITTEE_FORCES_KEY, K.FORCES_COVARIANCE_ALEATORIC_KEY],
                           irreps_out=dict(_COV_OUT))
@@ -44,7 +43,7 @@ class E2IPCommitteeLevelModule(GraphModuleMixin, torch.nn.Module):
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         members = data[K.E2IP_COMMITTEE_FORCES_KEY]
-        members = members.reshape(members.shape[0], self.num_members, 3)
+        members = members.reshape(members.shape[0], -1, 3)
         ale = data[K.FORCES_COVARIANCE_ALEATORIC_KEY]
         tot, epi = self.level(members, ale)
         return _write_covariances(data, tot, epi, ale)

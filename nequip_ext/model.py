@@ -49,9 +49,6 @@ from nequip.model import NequIPGNNModel
 from nequip.model.utils import model_builder
 from nequip.nn import ForceStressOutput, GraphModel, SequentialGraphNetwork
 
-from e2ip_plugins._e3nn import o3
-
-from . import _keys as K
 from .block_committee import E2IPBlockCommitteeModule, E2IPMessageCommitteeModule
 from .committee_level import E2IPCommitteeLevelModule
 from .geometric import GEOMETRIC_MODULE_NAME, E2IPEdgeCommitteeModule, E2IPGeometricModule, geometric_options, uq_site
@@ -184,7 +181,6 @@ def attach_uq_head(
             module = E2IPCommitteeModule(irreps_in=irreps, field=field, depth_field=depth_field, **committee)
         module.detach_input = detach_members
         seq.insert(COMMITTEE_MODULE_NAME, module, before=before)
-        members = o3.Irreps(module.irreps_out[K.E2IP_COMMITTEE_FORCES_KEY]).num_irreps
     if getattr(head, "novelty_enabled", False):
         opts = {k: v for k, v in dict(cfg.get("novelty") or {}).items() if k != "enabled"}
         nov = E2IPNoveltyModule(irreps_in=seq._modules[site["novelty_after"]].irreps_out,
@@ -192,7 +188,7 @@ def attach_uq_head(
                                 field=site["novelty_field"], **opts)
         seq.insert(NOVELTY_MODULE_NAME, nov, after=site["novelty_after"])
     if committee_enabled:  # the members' spread is the deployed U_epi, with a stored scale (nequip_ext.committee_level)
-        seq.append(COMMITTEE_LEVEL_NAME, E2IPCommitteeLevelModule(irreps_in=seq.irreps_out, num_members=members))
+        seq.append(COMMITTEE_LEVEL_NAME, E2IPCommitteeLevelModule(irreps_in=seq.irreps_out))
     # energy_uncertainty (issue 15): reads the final forces_covariance, so it goes last
     if noise_enabled:
         energy = E2IPEnergyNoiseModule(irreps_in=seq.irreps_out, field=site["noise_field"], **noise)
