@@ -62,8 +62,14 @@ def _backend(name: str, settings: Dict[str, Any]):
     return AllegroBackend(settings)
 
 
-def run_variant(args) -> Path:
+def run_variant(args, variants: Dict[str, Any] = VARIANTS, prefix: str = "scalar") -> Path:
+    """Train (resuming) and score ``variants[args.variant]``; ``results_<prefix>_<variant>.json``. With
+    ``args.frames_out``, also ``frames_<prefix>_<variant>.npz``: per method, seed and set the per-structure max u
+    and max ‖ΔF‖ (for trajectory-bootstrap intervals, ``benchmarks.committee``)."""
+    import numpy as np
     import torch
+
+    from e2ip_plugins.metrics import atom_columns
 
     from .common.evaluation import frame_index, isotropic, predict_sets, read_sets
     from .common.profiles import get_profile
@@ -71,7 +77,8 @@ def run_variant(args) -> Path:
     from .common.training import train_all
 
     torch.set_num_threads(1)
-    env_name, changes, heads = VARIANTS[args.variant]
+    env_name, changes, heads = variants[args.variant]
+    head_key = "head_flags" if env_name == "mace" else "head_overrides"
     out = Path(args.out).resolve()
     bdir = out / ("nequip" if env_name == "allegro" else env_name)
     if args.variant != "mace_l1_geometric":
@@ -79,7 +86,7 @@ def run_variant(args) -> Path:
     bdir.mkdir(parents=True, exist_ok=True)
     prof = get_profile("quick")
     prof["sweep_sizes"], prof["sweep_backbones"] = [], []
-    settings = dict(prof["backbones"]["nequip" if env_name == "allegro" else "mace"], **changes)
+    settings = dict(prof["backbones"]["mace" if env_name == "mace" else "nequip"], **changes)
     settings.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
     manifest = _manifest(args, prof, out)
     manifest["data_keys"] = dict(manifest["data_keys"], elements=manifest["elements"])
@@ -93,7 +100,7 @@ def run_variant(args) -> Path:
     for label, flags in heads.items():
         runs = [dict(name=f"{label}_s{s}", method="e2ip", seed=s, size=n, tag="main", train=manifest["files"]["train"])
                 for s in seeds]
-        train_all(_backend(env_name, dict(settings, head_flags=flags)), runs, manifest, prof, settings, bdir,
+        train_all(_backend(env_name, dict(settings, **{head_key: flags})), runs, manifest, prof, settings, bdir,
                   resume=True)
         head_runs[label] = runs
     backend = _backend(env_name, settings)
@@ -108,12 +115,23 @@ def run_variant(args) -> Path:
             "deployed": {s: {"forces_mae": float((y - m).abs().mean()), "forces_rmse": float((y - m).pow(2).mean().sqrt())}
                          for s, (y, m, _) in preds.items()}}
     tails: Dict[str, Any] = {}
+    dump: Dict[str, np.ndarray] = {}
+
+    def frame_max(tag: str, preds) -> None:
+        for name, (y, _, pred) in preds.items():
+            cols = atom_columns(pred, y)
+            idx = frames[name].numpy()
+            for col in ("u", "e"):
+                top = np.full(int(idx.max()) + 1, -np.inf)
+                np.maximum.at(top, idx, cols[col].detach().double().numpy().reshape(-1))
+                dump[f"{tag}/{name}/{col}max"] = top
     for label, runs in head_runs.items():
         for r in runs:
             preds = predict_sets(backend, backend.load("e2ip", [r["artifact"]], "cpu"), sets, fk)
             if args.tail_check:
                 tails[r["name"]] = nu_shift_table(preds)
             entry = {"deployed": _scores(preds, manifest, frames, "raw")}
+            frame_max(f"{label}/seed{r['seed']}", preds)
             for s, (y, m, _) in preds.items():
                 entry["deployed"][s]["forces_mae"] = float((y - m).abs().mean())
             results["methods"].setdefault(label, {})[f"seed{r['seed']}"] = entry
@@ -124,10 +142,13 @@ def run_variant(args) -> Path:
     ens = predict_sets(backend, backend.load("ensemble", [r["artifact"] for r in plain_runs], "cpu"), sets, fk)
     ens = {name: (y, mean, isotropic(pred)) for name, (y, mean, pred) in ens.items()}
     entry = {"deployed": _scores(ens, manifest, frames, "recal")}
+    frame_max("ensemble/all", ens)  # ranks: a global scale does not change them
     for s, (y, m, _) in ens.items():
         entry["deployed"][s]["forces_mae"] = float((y - m).abs().mean())
     results["methods"]["ensemble"] = {"all": entry}
-    path = out / f"results_scalar_{args.variant}.json"
+    if getattr(args, "frames_out", False):
+        np.savez(out / f"frames_{prefix}_{args.variant}.npz", **dump)
+    path = out / f"results_{prefix}_{args.variant}.json"
     path.write_text(json.dumps(results, indent=1, default=float))
     log(f"{args.variant}: wrote {path}")
     return path
@@ -155,6 +176,7 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--tail-check", action="store_true", help="also write tail_<variant>.md: a global shift of ν "
                    "refitted on val with c (benchmarks.common.tail_shape; diagnostic, not deployed)")
     p.add_argument("--report", action="store_true", help="write report_scalar.md from results_scalar_*.json")
+    p.add_argument("--frames-out", action="store_true", help="also write the per-structure max u / max error")
     args = p.parse_args(argv)
     if args.variant:
         run_variant(args)
