@@ -52,6 +52,8 @@ from mace.calculators.mace import MACECalculator
 from .outputs import ATOM_LEVEL_KEYS, COVARIANCE_KEYS, predictive_from_output
 
 EVIDENCE_KEYS = tuple(k for k in ATOM_LEVEL_KEYS if k not in COVARIANCE_KEYS)
+MEMBERS_KEY = "e2ip_committee_forces"  # the in-model committee's members (N, M, 3): its level is the predictive
+RAW_KEYS = EVIDENCE_KEYS + (MEMBERS_KEY,)
 
 COMMITTEE_KEY = "forces_covariance_committee"
 ENERGY_COMMITTEE_KEY = "energy_uncertainty_committee"
@@ -85,7 +87,7 @@ class E2IPMACECalculator(MACECalculator):
     @staticmethod
     def _slice_real_outputs(out, num_real_atoms: int):
         sliced = MACECalculator._slice_real_outputs(out, num_real_atoms)
-        for key in ATOM_LEVEL_KEYS:
+        for key in ATOM_LEVEL_KEYS + (MEMBERS_KEY,):
             value = sliced.get(key)
             if torch.is_tensor(value):
                 sliced[key] = value[:num_real_atoms]
@@ -96,7 +98,7 @@ class E2IPMACECalculator(MACECalculator):
         for key, shape in _SHAPES.items():
             if out.get(key) is not None:
                 dict_of_tensors[key] = torch.zeros(num_models, num_atoms, *shape, device=self.device, dtype=out[key].dtype)
-        for key in EVIDENCE_KEYS:  # raw head outputs, for the exact predictive
+        for key in RAW_KEYS:  # raw head (and committee) outputs, for the exact predictive
             if torch.is_tensor(out.get(key)):
                 dict_of_tensors[key] = torch.zeros(
                     num_models, num_atoms, *out[key].shape[1:], device=self.device, dtype=out[key].dtype
@@ -116,7 +118,8 @@ class E2IPMACECalculator(MACECalculator):
         ret = self._e2ip_ret
         if ret is None:  # pragma: no cover
             return
-        self.e2ip_evidence = {k: ret[k].cpu().numpy() for k in EVIDENCE_KEYS if k in ret}
+        raw = RAW_KEYS + (("forces_covariance_epistemic", "forces_covariance_aleatoric") if MEMBERS_KEY in ret else ())
+        self.e2ip_evidence = {k: ret[k].cpu().numpy() for k in raw if k in ret}
         conv_f = self.energy_units_to_eV / self.length_units_to_A
         conv2 = conv_f**2
         cov = {k: ret[k].mean(0) for k in ("forces_covariance", "forces_covariance_epistemic",
@@ -164,8 +167,9 @@ class E2IPMACECalculator(MACECalculator):
         """Exact per-atom predictive of the last calculation (one model only), in eV/Å.
 
         ``StudentTPredictive`` (``e2ip`` head) or ``IndependentStudentTPredictive`` (``eip``),
-        built by ``e2ip_plugins`` from the model's raw evidence and forces; a committee's
-        predictive is a mixture, which this does not provide (raises ``ValueError``).
+        built by ``e2ip_plugins`` from the model's raw evidence and forces; with the in-model committee
+        (``--e2ip_committee``), the deployed ``GaussianPredictive`` N(γ, U_ale + U_epi) of its level. A
+        committee of several models' predictive is a mixture, which this does not provide (raises ``ValueError``).
         """
         if self.num_models != 1 or not self.has_head:
             raise ValueError("the exact predictive needs exactly one model with an e2ip/eip head")

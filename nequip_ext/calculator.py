@@ -141,13 +141,16 @@ class E2IPNequIPCalculator(NequIPCalculator):
             self.results[K.E2IP_NOVELTY_KEY] = out[K.E2IP_NOVELTY_KEY].detach().cpu().numpy().reshape(-1)
         # raw evidence (eager models only: the e2ip_ase target returns the covariances, not the evidence)
         raw = [k for k in list(K.E2IP_HEAD_FIELDS.values()) + list(K.EIP_HEAD_FIELDS.values()) if k in out]
+        if raw and K.E2IP_COMMITTEE_FORCES_KEY in out:  # the committee's level is the deployed predictive
+            raw += [K.E2IP_COMMITTEE_FORCES_KEY, K.FORCES_COVARIANCE_EPISTEMIC_KEY, K.FORCES_COVARIANCE_ALEATORIC_KEY]
         self.e2ip_evidence = {k: out[k].detach().cpu() for k in raw + [AtomicDataDict.FORCE_KEY] if raw}
 
     def predictive(self):
         """Exact per-atom force predictive of the last calculation, in eV/Å (eager models only).
 
         ``StudentTPredictive`` (e²IP head) or ``IndependentStudentTPredictive`` (eIP head), built by
-        ``e2ip_plugins`` from the model's raw evidence and forces (the same function the training metrics use).
+        ``e2ip_plugins`` from the model's raw evidence and forces (the same function the training metrics use);
+        with the in-model committee, the deployed ``GaussianPredictive`` N(γ, U_ale + U_epi) of its level.
 
         Raises:
             ValueError: no calculation yet, or a compiled model (its ``e2ip_ase`` outputs hold the

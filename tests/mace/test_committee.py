@@ -70,6 +70,26 @@ def test_compiled_equals_eager_and_old_pickles_load(f64, tmp_path):
     assert "e2ip_committee_forces" not in loaded(batch)
 
 
+def test_calculator_predictive_is_the_committee_level(f64, tmp_path):
+    """``E2IPMACECalculator.predictive()`` of a committee model is N(γ, U_tot) of the level: its covariance and u
+    are the calculator's ``forces_covariance`` / ``forces_uncertainty`` (not the head's Student-t)."""
+    from e2ip_plugins.predictive import GaussianPredictive
+    from mace_ext import E2IPMACECalculator
+
+    model = _model()
+    model.e2ip_committee_level.committee_scale.fill_(2.5)
+    torch.save(model, tmp_path / "c.model")
+    calc = E2IPMACECalculator(model_paths=str(tmp_path / "c.model"), device="cpu", default_dtype="float64")
+    atoms = first_molecule()
+    atoms.calc = calc
+    atoms.get_forces()
+    pred = calc.predictive()
+    assert isinstance(pred, GaussianPredictive)
+    np.testing.assert_allclose(pred.covariance.numpy(), calc.results["forces_covariance"], rtol=1e-9)
+    np.testing.assert_allclose(pred.uncertainty.numpy(), calc.results["forces_uncertainty"], rtol=1e-9)
+    np.testing.assert_allclose(pred.mean.numpy(), calc.results["forces"], rtol=1e-12)
+
+
 @pytest.mark.parametrize("detach", [True, False])
 def test_loss_term_is_the_core_loss_and_detached_trains_only_the_members(f64, detach):
     model = _model(detach=detach)

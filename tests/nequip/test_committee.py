@@ -272,8 +272,15 @@ def test_committee_level_fitted_by_nequip_train_and_applied_by_every_output_path
     members = {}
     level.register_forward_pre_hook(lambda mod, args: members.update(
         f=args[0][K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, 4, 3)))
-    res = {name: _committee_results(calc, mol) for name, calc in calcs.items()}
+    res, preds = {}, {}
+    for name, calc in calcs.items():
+        res[name] = _committee_results(calc, mol)
+        preds[name] = calc.predictive()  # the exact predictive a user (and benchmarks.*) reads: the same level
     want = c * committee_variance(members["f"]).numpy()
+    for name, pred in preds.items():
+        np.testing.assert_allclose(pred.covariance.numpy(), res[name][K.FORCES_COVARIANCE_KEY], rtol=1e-9, err_msg=name)
+        np.testing.assert_allclose(pred.uncertainty.numpy(), res[name][K.FORCES_UNCERTAINTY_KEY], rtol=1e-9,
+                                   err_msg=name)
     for name, r in res.items():
         np.testing.assert_allclose(r[K.FORCES_COVARIANCE_EPISTEMIC_KEY], want[:, None, None] * np.eye(3), rtol=1e-9,
                                    atol=1e-15, err_msg=name)
