@@ -34,9 +34,12 @@ VARIANTS = {
     "nequip": ("nequip", {}, {"e2ip": [], "committee": [
         "++training_module.model.uq_head.committee={enabled: true, kind: message, "
         f"num_members: {MEMBERS['num_members']}, num_channels: {MEMBERS['num_channels']}, detach: true}}",
-        "++training_module.loss.coeffs.committee=0.01", "++training_module.loss.committee_nll_weight=0.0"]}),
+        "++training_module.loss.coeffs.committee=0.01", "++training_module.loss.committee_nll_weight=0.0"],
+        "energy10": ["training_module.loss.coeffs.total_energy=10.0"]}),
 }
+VARIANTS["mace"][2]["energy10"] = ["--energy_weight", "10.0"]  # fitted energies (docs/energy_uncertainty.md §10.4)
 NAMES = {"plain": "plain", "e2ip": "e²IP, shipped level", "committee": "e²IP + committee (M 4, K 32)",
+         "energy10": "e²IP, shipped level, energy weight 10",
          "ensemble": "4-member ensemble, (tr/3)·I, val scale"}
 SETS = ("val", "test", "ood_mol", "ood_hot", "ood_chem", "ood_1500K")
 BLOCK, REPS = 10, 1000
@@ -67,7 +70,7 @@ def bootstrap(umax: np.ndarray, emax: np.ndarray, traj: np.ndarray, seed: int = 
               for t in np.unique(traj)]
     reps: Dict[str, List[float]] = {"frame_spearman": [], "frame_auroc": []}
     for _ in range(REPS):
-        idx = np.concatenate([b[j] for bl in blocks for j in rng.integers(0, len(bl), len(bl))])
+        idx = np.concatenate([bl[j] for bl in blocks for j in rng.integers(0, len(bl), len(bl))])
         for k, v in frame_figures(umax[idx], emax[idx]).items():
             reps[k].append(v)
     out: Dict[str, Any] = frame_figures(umax, emax)
@@ -91,6 +94,67 @@ def frame_table(out: Path, backbone: str) -> Dict[str, Dict[str, Dict[str, Any]]
             runs.setdefault(method, {}).setdefault(s, []).append(b)
     return {m: {s: {k: np.mean([r[k] for r in rs], axis=0).tolist() for k in rs[0]} for s, rs in by.items()}
             for m, by in runs.items()}
+
+
+
+
+def combined(args) -> Path:
+    """Diagnostic (not deployed, added after the rule turned B down): the head's own U_epi plus the committee's,
+    N(γ, U_ale + a·U_epi,head + b·(tr Ĉ/3)·I) with (a, b) fitted on the val NLL, on the committee runs;
+    ``combined_<backbone>.json`` with the metrics of every set and the rule's val figures."""
+    import math
+
+    import torch
+    from scipy.optimize import minimize
+
+    from e2ip_plugins.metrics import UQMetricState
+    from e2ip_plugins.predictive import GaussianPredictive
+
+    from .attach import _manifest
+    from .common.backends import make_backend, to_float64
+    from .common.evaluation import frame_index, read_sets
+    from .common.profiles import get_profile
+
+    torch.set_num_threads(1)
+    out = Path(args.out).resolve()
+    prof = get_profile("quick")
+    manifest = _manifest(argparse.Namespace(data_dir=args.data_dir), prof, out)
+    backend = make_backend(args.backbone, dict(prof["backbones"][args.backbone]))
+    sets = read_sets(manifest)
+    frames = frame_index(sets)
+    fk = manifest["data_keys"]["forces_key"]
+    res: Dict[str, Any] = {}
+    for seed in range(prof["seed"], prof["seed"] + args.seeds):
+        info = json.loads((out / args.backbone / "runs" / f"committee_s{seed}" / "done.json").read_text())
+        handle = backend.load("e2ip", [info["artifact"]], "cpu")
+        calc = handle.calcs[0]
+        cols: Dict[str, Dict[str, List[torch.Tensor]]] = {}
+        for name, atoms_list in sets.items():
+            c = cols.setdefault(name, {k: [] for k in ("y", "g", "ale", "head", "comm")})
+            for at in atoms_list:
+                g, pred = backend.predict(handle, at)
+                for k in [k for k in calc.e2ip_evidence if k.endswith("committee_forces")]:
+                    calc.e2ip_evidence.pop(k)  # without the members: the head's own Student-t
+                head = to_float64(calc.predictive())
+                c["y"].append(torch.as_tensor(at.arrays[fk], dtype=torch.float64))
+                c["g"].append(g)
+                c["ale"].append(pred.covariance_aleatoric)
+                c["head"].append(head.covariance_epistemic)
+                c["comm"].append(pred.covariance_epistemic)
+        cat = {name: {k: torch.cat(v) for k, v in c.items()} for name, c in cols.items()}
+
+        def pred_of(d, a, b):
+            return GaussianPredictive(mean=d["g"], cov_epistemic=a * d["head"] + b * d["comm"], cov_aleatoric=d["ale"])
+
+        val = cat["val"]
+        fit = minimize(lambda p: float(pred_of(val, math.exp(p[0]), math.exp(p[1])).nll(val["y"]).mean()),
+                       x0=[0.0, 0.0], method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-7})
+        a, b = (math.exp(x) for x in fit.x)
+        res[f"seed{seed}"] = {"a": a, "b": b, "deployed": {
+            name: UQMetricState().update(pred_of(d, a, b), d["y"], frame=frames[name]).compute() for name, d in cat.items()}}
+    path = out / f"combined_{args.backbone}.json"
+    path.write_text(json.dumps(res, indent=1, default=float))
+    return path
 
 
 def _mean(res: Dict[str, Any], method: str, s: str, key: str) -> float:
@@ -163,8 +227,12 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--data-dir", default=str(SHARED_DATA))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--report", action="store_true", help="write report_committee.md")
+    p.add_argument("--combined", action="store_true", help="with --backbone: the diagnostic of :func:`combined` "
+                   "on the trained committee runs (head U_epi + committee, two val scales)")
     args = p.parse_args(argv)
-    if args.backbone:
+    if args.backbone and args.combined:
+        print(combined(args))
+    elif args.backbone:
         run_variant(argparse.Namespace(variant=args.backbone, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
                                        epochs=None, lr=None, tail_check=False, frames_out=True), VARIANTS, "committee")
     if args.report:
