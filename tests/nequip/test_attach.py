@@ -213,6 +213,8 @@ def test_finetune_unfrozen_from_package(runs):
                  f"train_file={val}", f"val_file={val}", "training_module.model.freeze_backbone=false",
                  "training_module.loss.coeffs.total_energy=1.0", "training_module.loss.coeffs.forces=1.0",
                  "training_module.loss.coeffs.evidential=0.1", "training_module.loss.detach_mean=false",
+                 "training_module.val_metrics.coeffs.per_atom_energy_rmse=1.0",
+                 "training_module.val_metrics.coeffs.forces_rmse=1.0", "training_module.val_metrics.coeffs.forces_nll=null",
                  config="attach_e2ip")
     model = _load(runs["dir"] / "ft" / "best.ckpt")
     backbone, head = _split(model)
