@@ -25,6 +25,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from .common import SHARED_DATA
+from .committee_levels import combined, scaled
 from .scalar_backbones import run_variant
 
 MEMBERS = {"num_members": 4, "num_channels": 32}
@@ -95,87 +96,25 @@ def frame_table(out: Path, backbone: str) -> Dict[str, Dict[str, Dict[str, Any]]
     return {m: {s: {k: np.mean([r[k] for r in rs], axis=0).tolist() for k in rs[0]} for s, rs in by.items()}
             for m, by in runs.items()}
 
-
-
-
-def combined(args) -> Path:
-    """Diagnostic (not deployed, added after the rule turned B down): the head's own U_epi plus the committee's,
-    N(γ, U_ale + a·U_epi,head + b·(tr Ĉ/3)·I) with (a, b) fitted on the val NLL, on the committee runs;
-    ``combined_<backbone>.json`` with the metrics of every set and the rule's val figures."""
-    import math
-
-    import torch
-    from scipy.optimize import minimize
-
-    from e2ip_plugins.metrics import UQMetricState
-    from e2ip_plugins.predictive import GaussianPredictive
-
-    from .attach import _manifest
-    from .common.backends import make_backend, to_float64
-    from .common.evaluation import frame_index, read_sets
-    from .common.profiles import get_profile
-
-    torch.set_num_threads(1)
-    out = Path(args.out).resolve()
-    prof = get_profile("quick")
-    manifest = _manifest(argparse.Namespace(data_dir=args.data_dir), prof, out)
-    backend = make_backend(args.backbone, dict(prof["backbones"][args.backbone]))
-    sets = read_sets(manifest)
-    frames = frame_index(sets)
-    fk = manifest["data_keys"]["forces_key"]
-    res: Dict[str, Any] = {}
-    for seed in range(prof["seed"], prof["seed"] + args.seeds):
-        info = json.loads((out / args.backbone / "runs" / f"committee_s{seed}" / "done.json").read_text())
-        handle = backend.load("e2ip", [info["artifact"]], "cpu")
-        calc = handle.calcs[0]
-        cols: Dict[str, Dict[str, List[torch.Tensor]]] = {}
-        for name, atoms_list in sets.items():
-            c = cols.setdefault(name, {k: [] for k in ("y", "g", "ale", "head", "comm")})
-            for at in atoms_list:
-                g, pred = backend.predict(handle, at)
-                for k in [k for k in calc.e2ip_evidence if k.endswith("committee_forces")]:
-                    calc.e2ip_evidence.pop(k)  # without the members: the head's own Student-t
-                head = to_float64(calc.predictive())
-                c["y"].append(torch.as_tensor(at.arrays[fk], dtype=torch.float64))
-                c["g"].append(g)
-                c["ale"].append(pred.covariance_aleatoric)
-                c["head"].append(head.covariance_epistemic)
-                c["comm"].append(pred.covariance_epistemic)
-        cat = {name: {k: torch.cat(v) for k, v in c.items()} for name, c in cols.items()}
-
-        def pred_of(d, a, b):
-            return GaussianPredictive(mean=d["g"], cov_epistemic=a * d["head"] + b * d["comm"], cov_aleatoric=d["ale"])
-
-        val = cat["val"]
-        fit = minimize(lambda p: float(pred_of(val, math.exp(p[0]), math.exp(p[1])).nll(val["y"]).mean()),
-                       x0=[0.0, 0.0], method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-7})
-        a, b = (math.exp(x) for x in fit.x)
-        res[f"seed{seed}"] = {"a": a, "b": b, "deployed": {
-            name: UQMetricState().update(pred_of(d, a, b), d["y"], frame=frames[name]).compute() for name, d in cat.items()}}
-    path = out / f"combined_{args.backbone}.json"
-    path.write_text(json.dumps(res, indent=1, default=float))
-    return path
-
-
 def _mean(res: Dict[str, Any], method: str, s: str, key: str) -> float:
     return float(np.mean([r["deployed"][s][key] for r in res["methods"][method].values()]))
 
 
-def rule(res: Dict[str, Any]) -> List[str]:
-    """The default rule on the val rows: the committee replaces the shipped level iff every line holds."""
+def rule(res: Dict[str, Any], cand: str = "committee") -> List[str]:
+    """The default rule on the val rows: the candidate ``cand`` replaces the shipped level iff every line holds."""
     lines, ok = [], True
-    ratio = _mean(res, "committee", "val", "forces_mae") / _mean(res, "e2ip", "val", "forces_mae")
+    ratio = _mean(res, cand, "val", "forces_mae") / _mean(res, "e2ip", "val", "forces_mae")
     checks = [(f"val force MAE, committee / shipped = {ratio:.3f} ≤ {RULE_MAE_RATIO}", ratio <= RULE_MAE_RATIO)]
-    cov, ence = _mean(res, "committee", "val", "forces_coverage_90"), _mean(res, "committee", "val", "forces_ence")
+    cov, ence = _mean(res, cand, "val", "forces_coverage_90"), _mean(res, cand, "val", "forces_ence")
     checks.append((f"val cov90 {cov:.3f} in {RULE_COV90}", RULE_COV90[0] <= cov <= RULE_COV90[1]))
     checks.append((f"val ENCE {ence:.3f} ≤ {RULE_ENCE}", ence <= RULE_ENCE))
     for key in ("forces_spearman", "frame_spearman", "frame_auroc"):
-        c, e = _mean(res, "committee", "val", key), _mean(res, "e2ip", "val", key)
+        c, e = _mean(res, cand, "val", key), _mean(res, "e2ip", "val", key)
         checks.append((f"val {key} {c:.3f} ≥ shipped {e:.3f} − {RULE_RANK_SLACK}", c >= e - RULE_RANK_SLACK))
     for text, passed in checks:
         ok &= passed
         lines.append(f"- {'pass' if passed else 'FAIL'}: {text}")
-    lines.append(f"- **{'the committee becomes the default' if ok else 'the shipped level stays the default'}**")
+    lines.append(f"- **{cand + ' becomes the default' if ok else 'the shipped level stays the default'}**")
     return lines
 
 
@@ -226,15 +165,24 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--out", default="bench_committee")
     p.add_argument("--data-dir", default=str(SHARED_DATA))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed0", type=int, default=0, help="first training seed, offset from the profile's (fresh "
+                   "seeds for a new candidate); the split is unchanged")
+    p.add_argument("--heads", default=None, help="comma-separated e²IP methods to train (default: all of "
+                   "VARIANTS[backbone])")
     p.add_argument("--report", action="store_true", help="write report_committee.md")
     p.add_argument("--combined", action="store_true", help="with --backbone: the diagnostic of :func:`combined` "
                    "on the trained committee runs (head U_epi + committee, two val scales)")
+    p.add_argument("--scaled", action="store_true", help="with --backbone: candidate C of docs/committee.md on the "
+                   "trained committee runs (the head's U_epi scaled by the committee's local spread ratio)")
     args = p.parse_args(argv)
     if args.backbone and args.combined:
         print(combined(args))
+    elif args.backbone and args.scaled:
+        print(scaled(args))
     elif args.backbone:
         run_variant(argparse.Namespace(variant=args.backbone, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
-                                       epochs=None, lr=None, tail_check=False, frames_out=True), VARIANTS, "committee")
+                                       epochs=None, lr=None, tail_check=False, frames_out=True, seed0=args.seed0,
+                                       heads=args.heads.split(",") if args.heads else None), VARIANTS, "committee")
     if args.report:
         print(write_report(Path(args.out)))
 

@@ -78,6 +78,8 @@ def run_variant(args, variants: Dict[str, Any] = VARIANTS, prefix: str = "scalar
 
     torch.set_num_threads(1)
     env_name, changes, heads = variants[args.variant]
+    if getattr(args, "heads", None):
+        heads = {k: v for k, v in heads.items() if k in args.heads}
     head_key = "head_flags" if env_name == "mace" else "head_overrides"
     out = Path(args.out).resolve()
     bdir = out / ("nequip" if env_name == "allegro" else env_name)
@@ -90,7 +92,7 @@ def run_variant(args, variants: Dict[str, Any] = VARIANTS, prefix: str = "scalar
     settings.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None})
     manifest = _manifest(args, prof, out)
     manifest["data_keys"] = dict(manifest["data_keys"], elements=manifest["elements"])
-    s0 = prof["seed"]
+    s0 = prof["seed"] + getattr(args, "seed0", 0)  # training seeds only; the split keeps the profile's seed
     seeds = list(range(s0, s0 + args.seeds))
     n = manifest["frames"]["train"]
     plain_runs = [dict(name=f"plain_s{s0 + j}", method="plain", seed=s0 + j, size=n, tag="main",

@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 
 from e2ip_plugins import novelty as core_novelty
-from e2ip_plugins.committee_level import fit_committee_scale
+from e2ip_plugins.committee_level import fit_committee_scale, fit_scaled_level
 from e2ip_plugins.level import fit_stored_level
 
 from .energy_uq import fit_energy_noise
@@ -86,10 +86,16 @@ def _fit_committee(model: torch.nn.Module, valid_loaders, device) -> None:
         return
     was_training = model.training
     model.eval()
-    c = fit_committee_scale(*committee_columns(model, valid_loaders, device))
-    model.e2ip_committee_level.set_scale(c)
+    level = model.e2ip_committee_level
+    if level.scale_head:  # the head's U_epi times the members' local spread ratio
+        s_ref, c = fit_scaled_level(*committee_columns(model, valid_loaders, device))
+        level.set_scale(c, spread_ref=s_ref)
+    else:
+        s_ref, c = None, fit_committee_scale(*committee_columns(model, valid_loaders, device))
+        level.set_scale(c)
     model.train(was_training)
-    logging.info("e2ip: the in-model committee's stored scale fitted on validation: c = %.4g", c)
+    logging.info("e2ip: the in-model committee's level (%s) fitted on validation: c = %.4g%s",
+                 "scaled" if level.scale_head else "spread", c, "" if s_ref is None else f", s_ref = {s_ref:.4g}")
 
 
 def read_frames(path: str, model, forces_key: str = "REF_forces") -> list:

@@ -142,8 +142,8 @@ class E2IPMixin:
         assert node_feats is not None
         head_in = self.e2ip_head_input(data, node_feats)
         head_out = self.e2ip_head(head_in)
-        if self.e2ip_committee_enabled:  # issue 26 (opt-in): the members' direct forces, (N, M, 3)
-            center, neighbor, vectors = edge_geometry(data)
+        center, neighbor, vectors = edge_geometry(data)  # read by the committee and its level
+        if self.e2ip_committee_enabled:  # issue 26: the members' direct forces, (N, M, 3)
             if training and self.e2ip_committee_detach:
                 head_in, vectors = head_in.detach(), vectors.detach()
             out["e2ip_committee_forces"] = self.e2ip_committee(head_in, center, neighbor, vectors)
@@ -174,8 +174,8 @@ class E2IPMixin:
                 head_out["eip_nu"], head_out["eip_alpha"], head_out["eip_beta"], self.e2ip_quantile
             )
         members = out.get("e2ip_committee_forces")
-        if members is not None:  # issue 26: the committee's spread is U_epi, with its stored scale
-            cov, cov_epi = self.e2ip_committee_level(members, cov_ale)
+        if members is not None:  # issue 26: the committee's level (e2ip_plugins.committee_level), stored constants
+            cov, cov_epi = self.e2ip_committee_level(members, cov_ale, cov_epi, center, neighbor)
         out["forces_covariance"] = cov
         out["forces_covariance_epistemic"] = cov_epi
         out["forces_covariance_aleatoric"] = cov_ale
@@ -291,8 +291,10 @@ def attach_e2ip_head(
     invariants of every product block, :mod:`e2ip_plugins.energy_noise_head`). ``geometric``: the head reads
     the geometric construction on the last block's scalars (:mod:`mace_ext.geometric`, issue 28); used
     whatever the flag when no product block carries l > 0 (``--max_L 0``). ``committee``: ``{num_members: M,
-    num_channels: K, detach: True, seed: None}`` adds the in-model force committee (issue 26, :mod:`mace_ext.committee`)
-    on the head's input; ``e2ip_committee_forces`` (N, M, 3) is then an output.
+    num_channels: K, detach: True, seed: None, level: "scaled"}`` adds the in-model force committee (issue 26,
+    :mod:`mace_ext.committee`) on the head's input; ``e2ip_committee_forces`` (N, M, 3) is then an output. ``level``:
+    ``scaled`` (the head's U_epi times the members' local spread ratio) or ``spread`` (the members alone), as
+    :class:`e2ip_plugins.committee_level.CommitteeLevel`.
     """
     if head not in HEAD_TYPES:
         raise E2IPConfigError(f"e2ip head must be one of {HEAD_TYPES}, got {head!r}")
@@ -338,6 +340,9 @@ def attach_e2ip_head(
     energy_module = EnergyUncertainty(length=1.0) if noise_enabled else EnergyUncertainty()
     com = dict(committee or {})
     committee_detach = bool(com.pop("detach", True))
+    committee_level = str(com.pop("level", "scaled"))
+    if committee_level not in ("scaled", "spread"):
+        raise E2IPConfigError(f"the in-model committee's level must be 'scaled' or 'spread', got {committee_level!r}")
     committee_module: torch.nn.Module = NoCommittee()
     if com:
         try:
@@ -374,7 +379,8 @@ def attach_e2ip_head(
     model.e2ip_committee = committee_module
     model.e2ip_committee_enabled = bool(com)
     model.e2ip_committee_detach = committee_detach
-    model.e2ip_committee_level = CommitteeLevel()  # its scale is fitted by mace_ext.fit_novelty (with a committee)
+    # its constants are fitted by mace_ext.fit_novelty (with a committee)
+    model.e2ip_committee_level = CommitteeLevel(scale_head=committee_level == "scaled")
     source = f"the geometric construction on the scalars of product block {idx}" if geometric else \
         f"product block {idx}"
     logging.info(

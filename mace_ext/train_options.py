@@ -21,7 +21,7 @@ DEFAULTS = dict(
     e2ip_energy_noise=False, e2ip_energy_noise_weight=0.001, e2ip_energy_noise_hidden=16,
     e2ip_energy_noise_detach=True, e2ip_geometric=False,
     e2ip_committee=0, e2ip_committee_channels=8, e2ip_committee_weight=0.01, e2ip_committee_nll_weight=0.0,
-    e2ip_committee_detach=True,
+    e2ip_committee_detach=True, e2ip_committee_level="scaled",
 )
 
 
@@ -111,7 +111,14 @@ def add_e2ip_arguments(parser: argparse.ArgumentParser, only: Optional[Iterable[
     group.add_argument("--e2ip_committee_detach", type=_str2bool, nargs="?", const=True,
                        default=DEFAULTS["e2ip_committee_detach"],
                        help="the members' loss trains only the members (their input is cut from the backbone)")
+    group.add_argument("--e2ip_committee_level", choices=COMMITTEE_LEVELS, default=DEFAULTS["e2ip_committee_level"],
+                       help="the deployed epistemic level with a committee: 'scaled' (default, chosen by the rule of "
+                            "docs/committee.md): the head's U_epi times the members' local spread over its validation "
+                            "mean; 'spread': c·(tr Ĉ/3)·I of the members alone")
     return parser
+
+
+COMMITTEE_LEVELS = ("scaled", "spread")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,7 +85,8 @@ class E2IPRun:
                 if a.e2ip_energy_noise else None,
                 geometric=bool(getattr(a, "e2ip_geometric", False)),
                 committee={"num_members": a.e2ip_committee, "num_channels": a.e2ip_committee_channels,
-                           "detach": a.e2ip_committee_detach} if a.e2ip_committee else None,
+                           "detach": a.e2ip_committee_detach, "level": a.e2ip_committee_level}
+                if a.e2ip_committee else None,
             )
             self.model = model
             self.train_loader = train_loader

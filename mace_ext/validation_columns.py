@@ -6,6 +6,11 @@
 
 import torch
 
+from e2ip_plugins.committee_level import committee_variance, local_spread
+from e2ip_plugins.head_covariance import eip_covariances, niw_covariances
+
+from .geometric import edge_geometry
+
 
 def validation_outputs(model: torch.nn.Module, loaders, device):
     """Yield ``(data, output)`` of the model's evaluation forward (with forces) over every validation batch."""
@@ -27,11 +32,28 @@ def level_columns(model: torch.nn.Module, loaders, device):
 
 
 def committee_columns(model: torch.nn.Module, loaders, device):
-    """(γ, y, U_ale, members (N, M, 3)) over the validation atoms: the columns of
-    :func:`e2ip_plugins.committee_level.fit_committee_scale` (issue 26)."""
-    cols = [(out["forces"].detach(), data["forces"], out["forces_covariance_aleatoric"].detach(),
-             out["e2ip_committee_forces"].detach()) for data, out in validation_outputs(model, loaders, device)]
+    """Over the validation atoms, the columns of the committee level's fit (issue 26): (γ, y, U_ale, members
+    (N, M, 3)) for :func:`e2ip_plugins.committee_level.fit_committee_scale`, or, in the scaled-head form,
+    (γ, y, U_ale, U_epi,head, s̃) for :func:`e2ip_plugins.committee_level.fit_scaled_level`."""
+    scaled = model.e2ip_committee_level.scale_head
+    cols = []
+    for data, out in validation_outputs(model, loaders, device):
+        members = out["e2ip_committee_forces"].detach()
+        row = (out["forces"].detach(), data["forces"], out["forces_covariance_aleatoric"].detach())
+        if scaled:
+            center, neighbor, _ = edge_geometry(data)
+            row += (head_epistemic(model, out).detach(), local_spread(committee_variance(members), center, neighbor))
+        else:
+            row += (members,)
+        cols.append(row)
     return tuple(torch.cat(c) for c in zip(*cols))
+
+
+def head_epistemic(model: torch.nn.Module, out) -> torch.Tensor:
+    """The head's own U_epi (N, 3, 3) from the evidence in ``out`` (before any committee level)."""
+    if model.e2ip_head_type == "e2ip":
+        return niw_covariances(out["e2ip_nu"], out["e2ip_kappa"], out["e2ip_sigma0"])[1]
+    return eip_covariances(out["eip_nu"], out["eip_alpha"], out["eip_beta"], model.e2ip_quantile)[1]
 
 
 def energy_columns(model: torch.nn.Module, loaders, device):

@@ -127,7 +127,7 @@ def test_bad_options_are_named():
 
 
 def test_deployed_level_is_the_scaled_member_spread_and_fit_novelty_fits_it(f64):
-    """With a committee, U_epi = c·(tr Ĉ/3)·I of the members, U_tot = U_ale + U_epi, u = sqrt(tr U_epi/3);
+    """With a committee and ``level: spread``, U_epi = c·(tr Ĉ/3)·I of the members, U_tot = U_ale + U_epi, u = sqrt(tr U_epi/3);
     ``fit_novelty`` (run by mace_run_train_e2ip and mace_fit_novelty_e2ip) stores the core's fit of c on the
     validation forward; compiled = eager with the stored scale."""
     from e3nn.util import jit
@@ -140,7 +140,7 @@ def test_deployed_level_is_the_scaled_member_spread_and_fit_novelty_fits_it(f64)
 
     from .helpers import DATA
 
-    model = _model()
+    model = _model(level="spread")
     train = frames_loader(read_frames(str(DATA / "iso7_train.xyz"), model)[:8], model, 4)
     val = frames_loader(read_frames(str(DATA / "iso7_val.xyz"), model)[:8], model, 4)
     assert not bool(model.e2ip_committee_level.committee_scale_fitted)
@@ -176,3 +176,41 @@ def test_committee_scale_fitted_without_novelty(f64):
     val = frames_loader(read_frames(str(DATA / "iso7_val.xyz"), model)[:8], model, 4)
     assert not fit_novelty(model, None, [val])
     assert bool(model.e2ip_committee_level.committee_scale_fitted)
+
+
+def test_scaled_level_is_the_default_and_fit_novelty_fits_it(f64):
+    """The default level (``--e2ip_committee_level scaled``): U_epi = c·(s̃/s_ref)·U_epi,head with s̃ the members'
+    spread averaged over each atom and its edges; ``fit_novelty`` stores the core's (s_ref, c) of the validation
+    forward; compiled = eager; an unknown level is named."""
+    from e3nn.util import jit
+
+    from e2ip_plugins.committee_level import committee_variance, fit_scaled_level, local_spread
+    from mace_ext.fit_novelty import fit_novelty, frames_loader, read_frames
+    from mace_ext.geometric import edge_geometry
+    from mace_ext.train_options import build_parser
+    from mace_ext.validation_columns import committee_columns, head_epistemic
+
+    from .helpers import DATA
+
+    assert build_parser().parse_args(["--name", "x", "--train_file", "t.xyz"]).e2ip_committee_level == "scaled"
+    model = _model()
+    assert model.e2ip_committee_level.scale_head
+    train = frames_loader(read_frames(str(DATA / "iso7_train.xyz"), model)[:8], model, 4)
+    val = frames_loader(read_frames(str(DATA / "iso7_val.xyz"), model)[:8], model, 4)
+    fit_novelty(model, train, [val])
+    level = model.e2ip_committee_level
+    c, s_ref = float(level.committee_scale), float(level.spread_ref)
+    assert bool(level.committee_scale_fitted) and c != 1.0 and s_ref != 1.0
+    assert fit_scaled_level(*committee_columns(model, [val], "cpu")) == pytest.approx((s_ref, c), rel=1e-6)
+    batch = _batch([first_molecule()]).to_dict()
+    out = model(batch)
+    center, neighbor, _ = edge_geometry(batch)
+    ratio = local_spread(committee_variance(out["e2ip_committee_forces"].detach()), center, neighbor) / s_ref
+    torch.testing.assert_close(out["forces_covariance_epistemic"].detach(),
+                               c * ratio[:, None, None] * head_epistemic(model, out).detach())
+    torch.testing.assert_close(out["forces_covariance"], out["forces_covariance_aleatoric"] + out["forces_covariance_epistemic"])
+    got = jit.compile(deepcopy(model))(batch)
+    for key in ("forces_covariance", "forces_uncertainty", "energy_uncertainty"):
+        torch.testing.assert_close(got[key], out[key], rtol=0, atol=1e-10, msg=key)
+    with pytest.raises(E2IPConfigError, match="'scaled' or 'spread'"):
+        _model(level="both")
