@@ -31,7 +31,11 @@ from .scalar_backbones import run_variant
 MEMBERS = {"num_members": 4, "num_channels": 32}
 VARIANTS = {
     "mace": ("mace", {}, {"e2ip": [], "committee": ["--e2ip_committee", str(MEMBERS["num_members"]),
-                                                     "--e2ip_committee_channels", str(MEMBERS["num_channels"])]}),
+                                                     "--e2ip_committee_channels", str(MEMBERS["num_channels"]),
+                                                     "--e2ip_committee_level", "spread"],
+                          # candidate C as deployed (MACE's default level since it passed the rule)
+                          "scaled": ["--e2ip_committee", str(MEMBERS["num_members"]),
+                                     "--e2ip_committee_channels", str(MEMBERS["num_channels"])]}),
     "nequip": ("nequip", {}, {"e2ip": [], "committee": [
         "++training_module.model.uq_head.committee={enabled: true, kind: message, "
         f"num_members: {MEMBERS['num_members']}, num_channels: {MEMBERS['num_channels']}, detach: true}}",
@@ -41,6 +45,7 @@ VARIANTS = {
 VARIANTS["mace"][2]["energy10"] = ["--energy_weight", "10.0"]  # fitted energies (docs/energy_uncertainty.md §10.4)
 NAMES = {"plain": "plain", "e2ip": "e²IP, shipped level", "committee": "e²IP + committee (M 4, K 32)",
          "energy10": "e²IP, shipped level, energy weight 10",
+         "scaled": "e²IP + committee, scaled-head level C (MACE default)",
          "ensemble": "4-member ensemble, (tr/3)·I, val scale"}
 SETS = ("val", "test", "ood_mol", "ood_hot", "ood_chem", "ood_1500K")
 BLOCK, REPS = 10, 1000
@@ -154,6 +159,11 @@ def write_report(out: Path) -> str:
         lines += ["", "Training CPU seconds per run: " + "; ".join(
             f"{NAMES.get(k, k)} {', '.join(f'{x:.0f}' for x in v)}" for k, v in res["train_cpu_s"].items()), "",
                   "### The default rule (val rows only)", ""] + rule(res) + [""]
+        if (out / f"scaled_{backbone}.json").exists():
+            from .committee_levels import summary
+
+            lines += ["### Candidate C and its control A_g (`--scaled`; means over seeds)", "",
+                      summary(out / f"scaled_{backbone}.json"), ""]
     text = "\n".join(lines)
     (out / "report_committee.md").write_text(text)
     return text

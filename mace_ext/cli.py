@@ -16,11 +16,13 @@ Accepts every ``mace_run_train`` flag and YAML key (same ``--config`` file), plu
 ``--e2ip_energy_noise_hidden H``      hidden width of its MLP (default 16)
 ``--e2ip_energy_noise_detach B``      the head reads detached invariants: its term leaves the backbone alone (default True)
 ``--e2ip_geometric``                  head reads l = 1, 2 features built from the edges (issue 28; automatic for ``--max_L 0``)
-``--e2ip_committee M``                opt-in in-model force committee of M members (issue 26; 0 = off, default)
+``--e2ip_committee M``                in-model force committee of M members (issue 26; 0 = off, the flag's default;
+                                      configs/mace/e2ip.yaml sets 4)
 ``--e2ip_committee_channels K``       channels per member (default 8)
 ``--e2ip_committee_weight W``         weight of the members' loss (default 0.01)
 ``--e2ip_committee_nll_weight W``     the committee's 3×3 NLL inside it (default 0: members' MSE alone)
 ``--e2ip_committee_detach B``         the members' loss trains only the members (default True)
+``--e2ip_committee_level L``          scaled (default: c·(local member spread / its val mean)·U_epi,head) | spread
 ====================================  =====================================================
 
 It then delegates to ``mace.cli.run_train.run(args)``, so MACE's data loading, EMA,

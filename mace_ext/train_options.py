@@ -100,7 +100,7 @@ def add_e2ip_arguments(parser: argparse.ArgumentParser, only: Optional[Iterable[
                             "scalars (issue 28, docs/scalar_backbones.md) instead of the backbone's l > 0 features; "
                             "always on for scalar-only backbones (--max_L 0)")
     group.add_argument("--e2ip_committee", type=int, default=DEFAULTS["e2ip_committee"],
-                       help="M >= 2 adds the in-model force committee (issue 26, opt-in, docs/committee.md): M members "
+                       help="M >= 2 adds the in-model force committee (issue 26, docs/committee.md; configs/mace/e2ip.yaml sets 4): M members "
                             "passing their own messages on the head's features; output e2ip_committee_forces")
     group.add_argument("--e2ip_committee_channels", type=int, default=DEFAULTS["e2ip_committee_channels"],
                        help="K scalar and K vector channels per committee member")
