@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -185,6 +186,7 @@ class CostRun:
         self.results: Dict[str, Any] = {"backbone": args.backbone, "profile": args.profile, "device": self.device,
                                         "threads": args.threads, "settings": self.prof["backbones"][args.backbone],
                                         "head_overrides": list(args.head_override or []),
+                                        "head_flags": shlex.split(args.head_flags or ""),
                                         "inference": [], "training": [], "memory": [], "build": {}}
         if self.device.startswith("cuda"):
             import torch
@@ -193,6 +195,8 @@ class CostRun:
 
     def settings(self, dtype: str) -> Dict[str, Any]:
         extra = {"head_overrides": list(self.a.head_override)} if self.a.head_override else {}
+        if self.a.head_flags:
+            extra["head_flags"] = shlex.split(self.a.head_flags)
         return dict(self.prof["backbones"][self.a.backbone], device=self.device, dtype=dtype, epochs=1, **extra)
 
     # --- artefacts ---------------------------------------------------------------------------------
@@ -358,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-override", action="append", default=None, metavar="HYDRA",
                    help="NequIP: a Hydra override for the e2ip model only, repeatable (e.g. an opt-in "
                    "'++training_module.model.uq_head.committee={...}')")
+    p.add_argument("--head-flags", default=None, metavar="FLAGS",
+                   help="MACE: extra mace_run_train_e2ip flags for the e2ip model only, one quoted string "
+                   "(e.g. '--e2ip_committee 4 --e2ip_committee_channels 32', the shipped config's committee)")
     p.add_argument("--time-cap", type=float, default=1200.0, help="s per measurement process")
     p.add_argument("--mem-cap-gb", type=float, default=12.0, help="RSS cap per measurement process")
     p.add_argument("--build-cap", type=float, default=1800.0, help="s per training / compile command")
@@ -379,6 +386,8 @@ def main(argv=None) -> None:
         raise SystemExit("--backbone is required (or --report)")
     if a.head_override and a.backbone != "nequip":
         raise SystemExit("--head-override is a Hydra override of the NequIP e2ip config: use it with --backbone nequip")
+    if a.head_flags and a.backbone != "mace":
+        raise SystemExit("--head-flags are mace_run_train_e2ip flags: use them with --backbone mace")
     if a.collect:
         out = Path(a.out) / f"cost_{a.backbone}.json"
         out.write_text(json.dumps(collect(Path(a.collect), a.backbone, a.profile, a.threads, a.device), indent=1))

@@ -115,6 +115,11 @@ def cmd_label(args):
                 "median_max_u": float(np.median([r["max_u"] for r in sel])),
             }
     report["spearman_max_u_vs_max_err"] = _spearman([r["max_u"] for r in rows], [r["max_err"] for r in rows])
+    cand = np.array([r["max_err"] for r in rows if r["band"] == "candidate"])
+    acc = np.array([r["max_err"] for r in rows if r["band"] == "accurate"])
+    if len(cand) and len(acc):  # P(a candidate frame's max error > an accurate frame's), ties count half
+        diff = cand[:, None] - acc[None, :]
+        report["p_candidate_gt_accurate"] = float((diff > 0).mean() + 0.5 * (diff == 0).mean())
     report["frames"] = rows
     (out / "xtb_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"trust_lo {meta['trust_lo']:.4f} eV/A, {meta['temperature']:g} K, {len(rows)} frames")
@@ -122,6 +127,8 @@ def cmd_label(args):
     for band, b in report["bands"].items():
         print(f"{band:10s}  {b['frames']:6d}  {b['median_max_err']:21.4f}  {b['median_mean_err']:22.4f}  {b['median_max_u']:19.4f}")
     print(f"Spearman(max u, max |dF|) over frames: {report['spearman_max_u_vs_max_err']:.3f}")
+    if "p_candidate_gt_accurate" in report:
+        print(f"P(candidate max |dF| > accurate max |dF|): {report['p_candidate_gt_accurate']:.3f}")
 
 
 def main(argv=None):

@@ -141,6 +141,9 @@ def attach_uq_head(
     if committee_enabled:  # issue 26 (opt-in): direct force members on the head's input features
         committee.setdefault("force_rms", float(cfg.get("force_rms") or _default_force_rms(per_type_energy_scales)))
         member_kind = committee.pop("kind", "node")
+        level_form = str(committee.pop("level", "spread"))  # the deployed level (nequip_ext.committee_level)
+        if level_form not in ("spread", "scaled"):
+            raise ValueError(f"uq_head.committee.level must be spread or scaled, got {level_form!r}")
         detach_members = bool(committee.pop("detach", False))  # the members' loss trains only the members
         if member_kind not in ("node", "edge", "block", "message"):
             raise ValueError(f"uq_head.committee.kind must be node, edge, block or message, got {member_kind!r}")
@@ -188,7 +191,8 @@ def attach_uq_head(
                                 field=site["novelty_field"], **opts)
         seq.insert(NOVELTY_MODULE_NAME, nov, after=site["novelty_after"])
     if committee_enabled:  # the members' spread is the deployed U_epi, with a stored scale (nequip_ext.committee_level)
-        seq.append(COMMITTEE_LEVEL_NAME, E2IPCommitteeLevelModule(irreps_in=seq.irreps_out))
+        seq.append(COMMITTEE_LEVEL_NAME, E2IPCommitteeLevelModule(irreps_in=seq.irreps_out,
+                                                                  scale_head=level_form == "scaled"))
     # energy_uncertainty (issue 15): reads the final forces_covariance, so it goes last
     if noise_enabled:
         energy = E2IPEnergyNoiseModule(irreps_in=seq.irreps_out, field=site["noise_field"], **noise)

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, List, Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from e2ip_plugins.committee_level import fit_committee_scale
+from e2ip_plugins.committee_level import committee_variance, fit_committee_scale, fit_scaled_level, local_spread
 from e2ip_plugins.energy_uq import fit_energy_length
 from e2ip_plugins.level import fit_stored_level
 from e2ip_plugins.novelty import NoveltyFitter, fit_novelty
@@ -140,15 +140,35 @@ def fit_model_committee(model: torch.nn.Module, val_batches: Iterable[dict]) -> 
     level = committee_level(model)
     if level is None:
         return None
-    cols = {"gamma": [], "y": [], "ale": [], "members": []}
-    for data, out in validation_outputs(model, val_batches):
-        gamma = out[AtomicDataDict.FORCE_KEY].detach()
-        cols["gamma"].append(gamma)
-        cols["y"].append(data[AtomicDataDict.FORCE_KEY].to(gamma.dtype))
-        cols["ale"].append(out[K.FORCES_COVARIANCE_ALEATORIC_KEY].detach())
-        cols["members"].append(out[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(gamma.shape[0], -1, 3))
-    c = fit_committee_scale(*(torch.cat(cols[k]) for k in ("gamma", "y", "ale", "members")))
-    level.level.set_scale(c)
+    scaled = level.level.scale_head
+    seen: list = []  # scaled form: the head's U_epi and the edges as the level module reads them
+
+    def keep(mod, args):
+        seen.append((args[0][K.FORCES_COVARIANCE_EPISTEMIC_KEY].detach(), args[0][AtomicDataDict.EDGE_INDEX_KEY]))
+
+    hook = level.register_forward_pre_hook(keep) if scaled else None
+    cols = {"gamma": [], "y": [], "ale": [], "members": [], "head": [], "spread": []}
+    try:
+        for data, out in validation_outputs(model, val_batches):
+            gamma = out[AtomicDataDict.FORCE_KEY].detach()
+            cols["gamma"].append(gamma)
+            cols["y"].append(data[AtomicDataDict.FORCE_KEY].to(gamma.dtype))
+            cols["ale"].append(out[K.FORCES_COVARIANCE_ALEATORIC_KEY].detach())
+            members = out[K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(gamma.shape[0], -1, 3)
+            cols["members"].append(members)
+            if scaled:
+                head, edges = seen.pop()
+                cols["head"].append(head)
+                cols["spread"].append(local_spread(committee_variance(members), edges[0], edges[1]))
+    finally:
+        if hook is not None:
+            hook.remove()
+    if scaled:
+        s_ref, c = fit_scaled_level(*(torch.cat(cols[k]) for k in ("gamma", "y", "ale", "head", "spread")))
+        level.level.set_scale(c, spread_ref=s_ref)
+    else:
+        c = fit_committee_scale(*(torch.cat(cols[k]) for k in ("gamma", "y", "ale", "members")))
+        level.level.set_scale(c)
     return c
 
 
