@@ -60,7 +60,10 @@ def prepare(args, out: Path) -> dict:
     base.update(max_num_epochs=args.epochs, default_dtype="float32")
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / "mace_plain.yaml").write_text(yaml.safe_dump(base))
-    (out / "configs" / "mace_e2ip.yaml").write_text(yaml.safe_dump({**base, **E2IP_KEYS}))
+    keys = dict(E2IP_KEYS)
+    if args.e2ip_committee:  # the shipped MACE config's committee and its scaled-head level (docs/committee.md)
+        keys.update(e2ip_committee=args.e2ip_committee, e2ip_committee_channels=32, e2ip_committee_level="scaled")
+    (out / "configs" / "mace_e2ip.yaml").write_text(yaml.safe_dump({**base, **keys}))
     return man
 
 
@@ -183,6 +186,9 @@ def main(argv=None):
                    help="trust_hi = this x trust_lo (MD stops there, frames above are dropped); DP-GEN's usual 3")
     p.add_argument("--stratify", default="none", choices=("none", "start", "run"),
                    help="select.stratify of every loop, random included (report_stratified.md: start)")
+    p.add_argument("--e2ip-committee", type=int, default=0, metavar="M",
+                   help="the e2ip loop's model carries the in-model committee of M members (K = 32, level scaled), as "
+                        "configs/mace/e2ip.yaml ships it; 0: the head's level alone")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
