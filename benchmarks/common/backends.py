@@ -127,6 +127,8 @@ class MaceBackend(Backend):
             "--batch_size", str(s["batch_size"]), "--valid_batch_size", str(2 * s["batch_size"]),
             "--lr", str(s["lr"]),
         ]
+        if s.get("energy_weight") is not None:  # every method, plain included (benchmarks.committee mace_ew10)
+            cmd += ["--energy_weight", str(s["energy_weight"])]
         if method in ("e2ip", "eip"):
             cmd += ["--e2ip_head", method, *[str(x) for x in s.get("head_flags", [])]]
         return cmd
