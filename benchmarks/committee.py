@@ -45,6 +45,10 @@ VARIANTS = {
 VARIANTS["mace"][2]["energy10"] = ["--energy_weight", "10.0"]  # fitted energies (docs/energy_uncertainty.md §10.4)
 # the shipped MACE config's energy weight for every model, the ensemble's members included (benchmarks.committee_energy)
 VARIANTS["mace_ew10"] = ("mace", {"energy_weight": 10.0}, {"e2ip": [], "scaled": VARIANTS["mace"][2]["scaled"]})
+# ablation: M = 8 and 16 members of the shipped setting (K = 32, level C)
+VARIANTS["mace_ew10_members"] = ("mace", {"energy_weight": 10.0}, {
+    f"scaled_m{m}": ["--e2ip_committee", str(m), "--e2ip_committee_channels", str(MEMBERS["num_channels"])]
+    for m in (8, 16)})
 NAMES = {"plain": "plain", "e2ip": "e²IP, shipped level", "committee": "e²IP + committee (M 4, K 32)",
          "energy10": "e²IP, shipped level, energy weight 10",
          "scaled": "e²IP + committee, scaled-head level C (MACE default)",
