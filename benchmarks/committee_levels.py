@@ -28,7 +28,7 @@ def _columns(args) -> Dict[str, Any]:
     import torch
     from ase.neighborlist import neighbor_list
 
-    from e2ip_plugins.committee_level import committee_variance
+    from e2ip_plugins.committee_level import committee_variance, local_spread
 
     from .attach import _manifest
     from .common.backends import make_backend, to_float64
@@ -57,10 +57,8 @@ def _columns(args) -> Dict[str, Any]:
                 g, pred = backend.predict(handle, at)
                 members = next(v for k, v in calc.e2ip_evidence.items() if k.endswith("committee_forces"))
                 s = committee_variance(torch.as_tensor(members, dtype=torch.float64).reshape(len(at), -1, 3))
-                i, j = neighbor_list("ij", at, float(settings["r_max"]))
-                tot = s.clone().index_add_(0, torch.as_tensor(i), s[torch.as_tensor(j)])
-                cnt = torch.ones_like(s).index_add_(0, torch.as_tensor(i), torch.ones(len(i), dtype=s.dtype))
-                c["s"].append(tot / cnt)
+                i, j = neighbor_list("ij", at, float(settings["r_max"]))  # the pairs within r_max: MACE's edges
+                c["s"].append(local_spread(s, torch.as_tensor(i), torch.as_tensor(j)))
                 for k in [k for k in calc.e2ip_evidence if k.endswith("committee_forces")]:
                     calc.e2ip_evidence.pop(k)  # without the members: the head's own Student-t
                 head = to_float64(calc.predictive())

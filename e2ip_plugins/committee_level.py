@@ -105,24 +105,35 @@ def committee_predictive(forces: torch.Tensor, cov_epistemic: torch.Tensor,
     return GaussianPredictive(mean=forces, cov_epistemic=cov_epistemic.to(dtype), cov_aleatoric=cov_aleatoric.to(dtype))
 
 
+def _validation_columns(what: str, **cols: torch.Tensor):
+    """The columns in float64, gathered over DDP ranks (every rank fits on all ranks' atoms), checked finite."""
+    cols = _gather_columns({k: v.double() for k, v in cols.items()})
+    for name, v in cols.items():
+        if not torch.isfinite(v).all():
+            raise ValueError(f"fitting {what}: the validation {name} hold NaN/Inf")
+    return cols
+
+
+def _nll_scale(gamma: torch.Tensor, y: torch.Tensor, ale: torch.Tensor, epi_unit: torch.Tensor,
+               log_bounds: tuple) -> float:
+    """argmin_c mean_i −log N(y_i; γ_i, U_ale,i + c · E_i) with E = ``epi_unit`` (1-D Brent search in log c)."""
+
+    def objective(logc: float) -> float:
+        return float(GaussianPredictive(mean=gamma, cov_epistemic=math.exp(logc) * epi_unit, cov_aleatoric=ale).nll(y).mean())
+
+    res = minimize_scalar(objective, bounds=log_bounds, method="bounded", options={"xatol": 1e-8})
+    return float(math.exp(res.x))
+
+
 def fit_committee_scale(gamma: torch.Tensor, y: torch.Tensor, cov_ale: torch.Tensor, member_forces: torch.Tensor,
                         log_bounds: tuple = (-20.0, 20.0)) -> float:
     """ĉ of the module docstring on validation atoms (γ, y (N, 3), U_ale (N, 3, 3), members (N, M, 3)); under
     ``torch.distributed`` the atoms of all ranks are gathered first, so every rank stores the same c."""
     with torch.no_grad():
-        cols = _gather_columns({"gamma": gamma.double(), "y": y.double(), "ale": cov_ale.double(),
-                                "members": member_forces.double()})  # every DDP rank fits on all ranks' atoms
-        gamma, y, ale, member_forces = (cols[k] for k in ("gamma", "y", "ale", "members"))
-        iso = committee_variance(member_forces).reshape(-1, 1, 1) * torch.eye(3, dtype=torch.float64)
-        for name, t in (("forces", gamma), ("reference forces", y), ("U_ale", ale), ("committee spread", iso)):
-            if not torch.isfinite(t).all():
-                raise ValueError(f"fitting the committee's scale: the validation {name} hold NaN/Inf")
-
-        def objective(logc: float) -> float:
-            return float(GaussianPredictive(mean=gamma, cov_epistemic=math.exp(logc) * iso, cov_aleatoric=ale).nll(y).mean())
-
-        res = minimize_scalar(objective, bounds=log_bounds, method="bounded", options={"xatol": 1e-8})
-    return float(math.exp(res.x))
+        cols = _validation_columns("the committee's scale", forces=gamma, **{"reference forces": y}, U_ale=cov_ale,
+                                   **{"committee forces": member_forces})
+        iso = committee_variance(cols["committee forces"]).reshape(-1, 1, 1) * torch.eye(3, dtype=torch.float64)
+        return _nll_scale(cols["forces"], cols["reference forces"], cols["U_ale"], iso, log_bounds)
 
 
 def fit_scaled_level(gamma: torch.Tensor, y: torch.Tensor, cov_ale: torch.Tensor, cov_epi_head: torch.Tensor,
@@ -130,20 +141,10 @@ def fit_scaled_level(gamma: torch.Tensor, y: torch.Tensor, cov_ale: torch.Tensor
     """(s_ref, ĉ) of the scaled-head form on validation atoms (γ, y (N, 3), U_ale, U_epi,head (N, 3, 3), s̃ (N,)):
     s_ref = mean s̃, ĉ = argmin_c mean −log N(y; γ, U_ale + c·(s̃/s_ref)·U_epi,head); DDP ranks' atoms gathered."""
     with torch.no_grad():
-        cols = _gather_columns({"gamma": gamma.double(), "y": y.double(), "ale": cov_ale.double(),
-                                "head": cov_epi_head.double(), "spread": spread.double()})
-        for name, key in (("forces", "gamma"), ("reference forces", "y"), ("U_ale", "ale"), ("head's U_epi", "head"),
-                          ("committee spread", "spread")):
-            if not torch.isfinite(cols[key]).all():
-                raise ValueError(f"fitting the committee's scaled level: the validation {name} hold NaN/Inf")
-        s_ref = float(cols["spread"].mean())
+        cols = _validation_columns("the committee's scaled level", forces=gamma, **{"reference forces": y},
+                                   U_ale=cov_ale, **{"head's U_epi": cov_epi_head, "committee spread": spread})
+        s_ref = float(cols["committee spread"].mean())
         if not s_ref > 0:
             raise ValueError("fitting the committee's scaled level: the members do not differ on validation")
-        epi = (cols["spread"] / s_ref).reshape(-1, 1, 1) * cols["head"]
-
-        def objective(logc: float) -> float:
-            pred = GaussianPredictive(mean=cols["gamma"], cov_epistemic=math.exp(logc) * epi, cov_aleatoric=cols["ale"])
-            return float(pred.nll(cols["y"]).mean())
-
-        res = minimize_scalar(objective, bounds=log_bounds, method="bounded", options={"xatol": 1e-8})
-    return s_ref, float(math.exp(res.x))
+        epi = (cols["committee spread"] / s_ref).reshape(-1, 1, 1) * cols["head's U_epi"]
+        return s_ref, _nll_scale(cols["forces"], cols["reference forces"], cols["U_ale"], epi, log_bounds)
