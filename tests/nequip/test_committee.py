@@ -218,24 +218,29 @@ COMMITTEE_OVERRIDES = (
     "detach: true}", "++training_module.loss.coeffs.committee=0.01", "++training_module.loss.committee_nll_weight=0.0")
 
 
-@pytest.fixture(scope="module")
-def committee_run(tmp_path_factory):
-    """``nequip-train -cn e2ip`` with the opt-in message committee (1 epoch, float64) and ``nequip-package build``."""
+def train_and_package(d, overrides):
+    """``nequip-train -cn e2ip`` with ``overrides`` (1 epoch, float64) in ``d / "train"`` and ``nequip-package
+    build``: {"dir", "ckpt", "package"}."""
     import subprocess
     import sys
     from pathlib import Path
 
     from ._cli_helpers import DATA, nequip_train
 
-    d = tmp_path_factory.mktemp("committee")
     nequip_train(d / "train", "run=[train]", "max_epochs=1", f"train_file={DATA / 'iso7_val.xyz'}",
                  f"val_file={DATA / 'iso7_val.xyz'}", f"test_file={DATA / 'iso7_test.xyz'}",
-                 "training_module.model.model_dtype=float64", *COMMITTEE_OVERRIDES)
+                 "training_module.model.model_dtype=float64", *overrides)
     ckpt, pkg = d / "train" / "best.ckpt", d / "model.nequip.zip"
     res = subprocess.run([str(Path(sys.executable).parent / "nequip-package"), "build", str(ckpt), str(pkg)], cwd=d,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return {"dir": d, "ckpt": ckpt, "package": pkg}
+
+
+@pytest.fixture(scope="module")
+def committee_run(tmp_path_factory):
+    """The opt-in message committee, trained and packaged (:func:`train_and_package`)."""
+    return train_and_package(tmp_path_factory.mktemp("committee"), COMMITTEE_OVERRIDES)
 
 
 def _committee_results(calc, atoms):
@@ -344,6 +349,12 @@ def test_committee_scale_refit_equals_the_core_fit_on_validation(committee_run):
 def test_committee_level_applied_by_the_aoti_e2ip_ase_target(committee_run):
     """``nequip-compile --mode aotinductor --target e2ip_ase`` of the committee model reports the checkpoint's
     covariances (the stored committee scale included)."""
+    assert_aoti_matches_checkpoint(committee_run)
+
+
+def assert_aoti_matches_checkpoint(run):
+    """``nequip-compile --mode aotinductor --target e2ip_ase`` of ``run``'s package reports its checkpoint's
+    covariances and u."""
     import subprocess
     import sys
     from pathlib import Path
@@ -355,14 +366,14 @@ def test_committee_level_applied_by_the_aoti_e2ip_ase_target(committee_run):
 
     from ._cli_helpers import DATA
 
-    pt2 = committee_run["dir"] / "model.nequip.pt2"
-    res = subprocess.run([str(Path(sys.executable).parent / "nequip-compile"), str(committee_run["package"]), str(pt2),
-                          "--mode", "aotinductor", "--device", "cpu", "--target", "e2ip_ase"], cwd=committee_run["dir"],
+    pt2 = run["dir"] / "model.nequip.pt2"
+    res = subprocess.run([str(Path(sys.executable).parent / "nequip-compile"), str(run["package"]), str(pt2),
+                          "--mode", "aotinductor", "--device", "cpu", "--target", "e2ip_ase"], cwd=run["dir"],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     kw = dict(device="cpu", chemical_species_to_atom_type_map=True)
     mol = ase.io.read(DATA / "iso7_test.xyz", 0)
-    want = _committee_results(E2IPNequIPCalculator.from_saved_model(committee_run["ckpt"], **kw), mol)
+    want = _committee_results(E2IPNequIPCalculator.from_saved_model(run["ckpt"], **kw), mol)
     got = _committee_results(E2IPNequIPCalculator.from_compiled_model(pt2, **kw), mol)
     for k in (K.FORCES_COVARIANCE_KEY, K.FORCES_COVARIANCE_EPISTEMIC_KEY, K.FORCES_UNCERTAINTY_KEY):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-8, atol=1e-12 * np.abs(want[k]).max(), err_msg=k)

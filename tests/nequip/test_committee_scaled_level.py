@@ -8,7 +8,9 @@ import nequip_ext
 import nequip_ext._keys as K
 from nequip.data import AtomicDataDict
 
-from .test_committee import HEAD, M
+from ._cli_helpers import SLOW
+from .test_committee import COMMITTEE_OVERRIDES, HEAD, M, _committee_results, assert_aoti_matches_checkpoint, \
+    train_and_package
 from .test_energy_uq import CFG, _graphs
 
 
@@ -58,3 +60,58 @@ def test_scaled_level_option_is_the_head_times_the_local_spread_ratio_and_is_fit
     assert fit_scaled_level(*(torch.cat(c) for c in zip(*cols))) == pytest.approx((s_ref, c), rel=1e-6)
     with pytest.raises(ValueError, match="spread or scaled"):
         nequip_ext.EvidentialNequIPGNNModel(**CFG, uq_head=dict(HEAD, committee=dict(HEAD["committee"], level="x")))
+
+
+@pytest.fixture(scope="module")
+def scaled_run(tmp_path_factory):
+    """The message committee with ``level: scaled``, trained by ``nequip-train`` and packaged."""
+    member = COMMITTEE_OVERRIDES[0].replace("detach: true}", "detach: true, level: scaled}")
+    assert member != COMMITTEE_OVERRIDES[0]
+    return train_and_package(tmp_path_factory.mktemp("scaled"), (member,) + tuple(COMMITTEE_OVERRIDES[1:]))
+
+
+def test_scaled_level_fitted_by_nequip_train_and_applied_by_checkpoint_and_package(scaled_run):
+    """nequip-train stores (s_ref, c); the checkpoint and package calculators report U_epi = c·(s̃/s_ref)·U_epi,head,
+    U_tot = U_ale + U_epi (SPD), u = sqrt(tr U_epi/3), and ``predictive()`` reads the same covariance."""
+    import ase.io
+    import numpy as np
+
+    from e2ip_plugins.committee_level import committee_variance, local_spread
+    from nequip_ext import E2IPNequIPCalculator
+    from nequip_ext.committee_level import committee_level
+
+    from ._cli_helpers import DATA
+
+    sd = torch.load(scaled_run["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    stored = {n: float(v) for k, v in sd.items() for n in ("committee_scale", "spread_ref", "committee_scale_fitted")
+              if k.endswith(f"uq_committee_level.level.{n}")}
+    c, s_ref = stored["committee_scale"], stored["spread_ref"]
+    assert stored["committee_scale_fitted"] and c > 0 and c != 1.0 and s_ref > 0 and s_ref != 1.0
+    kw = dict(device="cpu", chemical_species_to_atom_type_map=True)
+    calcs = {"checkpoint": E2IPNequIPCalculator.from_saved_model(scaled_run["ckpt"], **kw),
+             "package": E2IPNequIPCalculator.from_saved_model(scaled_run["package"], **kw)}
+    mol = ase.io.read(DATA / "iso7_test.xyz", 0)
+    level = committee_level(calcs["checkpoint"].model)
+    seen = {}
+    level.register_forward_pre_hook(lambda mod, args: seen.update(
+        f=args[0][K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, M, 3),
+        head=args[0][K.FORCES_COVARIANCE_EPISTEMIC_KEY].detach(), edges=args[0][AtomicDataDict.EDGE_INDEX_KEY]))
+    res = {name: _committee_results(calc, mol) for name, calc in calcs.items()}
+    spread = local_spread(committee_variance(seen["f"]), seen["edges"][0], seen["edges"][1])
+    want = (c * (spread / s_ref)[:, None, None] * seen["head"]).numpy()
+    for name, r in res.items():
+        pred = calcs[name].predictive()
+        np.testing.assert_allclose(r[K.FORCES_COVARIANCE_EPISTEMIC_KEY], want, rtol=1e-9, atol=1e-15, err_msg=name)
+        np.testing.assert_allclose(r[K.FORCES_COVARIANCE_KEY], r[K.FORCES_COVARIANCE_ALEATORIC_KEY] + want,
+                                   rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(r[K.FORCES_UNCERTAINTY_KEY], np.sqrt(np.trace(want, axis1=1, axis2=2) / 3),
+                                   rtol=1e-9, err_msg=name)
+        np.testing.assert_allclose(pred.covariance.numpy(), r[K.FORCES_COVARIANCE_KEY], rtol=1e-9, err_msg=name)
+        assert (np.linalg.eigvalsh(r[K.FORCES_COVARIANCE_KEY]) > 0).all()
+
+
+@pytest.mark.skipif(not SLOW, reason="an AOTInductor compile (1.5-4 min): set E2IP_SLOW_TESTS=1")
+def test_scaled_level_applied_by_the_aoti_e2ip_ase_target(scaled_run):
+    """``nequip-compile --mode aotinductor --target e2ip_ase`` of the scaled-level model reports the checkpoint's
+    covariances and u (the level reads the edges inside the compiled graph)."""
+    assert_aoti_matches_checkpoint(scaled_run)
