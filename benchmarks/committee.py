@@ -25,7 +25,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from .common import SHARED_DATA
-from .committee_levels import combined, scaled
+from .committee_levels import combined, scaled, smoothing
 from .scalar_backbones import run_variant
 
 MEMBERS = {"num_members": 4, "num_channels": 32}
@@ -191,8 +191,12 @@ def main(argv: List[str] = None) -> None:
                    "on the trained committee runs (head U_epi + committee, two val scales)")
     p.add_argument("--scaled", action="store_true", help="with --backbone: candidate C of docs/committee.md on the "
                    "trained committee runs (the head's U_epi scaled by the committee's local spread ratio)")
+    p.add_argument("--smoothing", action="store_true", help="with --backbone: C with other spread averages and "
+                   "shapes (:func:`benchmarks.committee_levels.smoothing`)")
     args = p.parse_args(argv)
-    if args.backbone and args.combined:
+    if args.backbone and args.smoothing:
+        print(smoothing(args))
+    elif args.backbone and args.combined:
         print(combined(args))
     elif args.backbone and args.scaled:
         print(scaled(args))

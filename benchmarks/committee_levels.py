@@ -1,5 +1,5 @@
 """Levels built after the fact on the trained committee runs of :mod:`benchmarks.committee` (diagnostics; nothing
-here is deployed). Both read the same per-atom columns of every set through the calculators: γ, y, the committee
+here is deployed). All read the same per-atom columns of every set through the calculators: γ, y, the committee
 level's U_ale, the head's own U_epi (its Student-t level, the members dropped) and the members' spread.
 
 ``combined``  N(γ, U_ale + a·U_epi,head + b·(tr Ĉ/3)·I), (a, b) fitted on the val NLL.
@@ -10,6 +10,7 @@ level's U_ale, the head's own U_epi (its Student-t level, the members dropped) a
 
     and its control A_g (r ≡ 1). ``scaled_<backbone>.json``: per seed the constants and every set's metrics, and
     the default rule of :func:`benchmarks.committee.rule` for C and A_g against the shipped runs (val rows only).
+``smoothing`` C with s̃ over two hops or the whole structure, and with U_ale's shape (after C failed NequIP's gate).
 """
 
 from __future__ import annotations
@@ -52,13 +53,15 @@ def _columns(args) -> Dict[str, Any]:
         calc = handle.calcs[0]
         cols: Dict[str, Dict[str, list]] = {}
         for name, atoms_list in sets.items():
-            c = cols.setdefault(name, {k: [] for k in ("y", "g", "ale", "head", "comm", "s")})
+            c = cols.setdefault(name, {k: [] for k in ("y", "g", "ale", "head", "comm", "s", "s2", "sf")})
             for at in atoms_list:
                 g, pred = backend.predict(handle, at)
                 members = next(v for k, v in calc.e2ip_evidence.items() if k.endswith("committee_forces"))
                 s = committee_variance(torch.as_tensor(members, dtype=torch.float64).reshape(len(at), -1, 3))
                 i, j = neighbor_list("ij", at, float(settings["r_max"]))  # the pairs within r_max: MACE's edges
                 c["s"].append(local_spread(s, torch.as_tensor(i), torch.as_tensor(j)))
+                c["s2"].append(local_spread(c["s"][-1], torch.as_tensor(i), torch.as_tensor(j)))  # two hops
+                c["sf"].append(s.mean().expand(len(at)).clone())  # the structure's mean
                 for k in [k for k in calc.e2ip_evidence if k.endswith("committee_forces")]:
                     calc.e2ip_evidence.pop(k)  # without the members: the head's own Student-t
                 head = to_float64(calc.predictive())
@@ -132,17 +135,51 @@ def scaled(args) -> Path:
     return path
 
 
+SMOOTHING = {"C": ("s", "head", 0.0), "C_2hop": ("s2", "head", 0.0), "C_frame": ("sf", "head", 0.0),
+             "C_ale": ("s", "ale", 0.0), "C_floor": ("s", "head", 1.0)}
+
+
+def smoothing(args) -> Path:
+    """Diagnostic (after C failed NequIP's atom-ranking gate): C with the spread averaged over two hops or the whole
+    structure, with U_ale's shape instead of the head's U_epi, and with the ratio floored at 1 (max(1, s̃/s_ref): the
+    head's level kept where the spread is below its val mean), each with s_ref its val mean and c by the val NLL.
+    ``smoothing_<backbone>.json``: per seed every set's metrics."""
+    import torch
+    from scipy.optimize import minimize_scalar
+
+    from e2ip_plugins.predictive import GaussianPredictive
+
+    def pred_of(d, c, spread, shape, floor, s_ref):
+        ratio = (d[spread] / s_ref).clamp(min=floor)
+        return GaussianPredictive(mean=d["g"], cov_epistemic=c * ratio.reshape(-1, 1, 1) * d[shape], cov_aleatoric=d["ale"])
+
+    res: Dict[str, Any] = {form: {} for form in SMOOTHING}
+    for seed, cat in _columns(args).items():
+        val = cat["val"]
+        for form, (spread, shape, floor) in SMOOTHING.items():
+            s_ref = float(val[spread].mean())
+            fit = minimize_scalar(lambda lc: float(pred_of(val, math.exp(lc), spread, shape, floor, s_ref).nll(
+                val["y"]).mean()), bounds=(-20.0, 20.0), method="bounded", options={"xatol": 1e-8})
+            c = math.exp(fit.x)
+            res[form][f"seed{seed}"] = {"c": c, "s_ref": s_ref, "deployed": _metrics(
+                lambda d, c_: pred_of(d, c_, spread, shape, floor, s_ref), cat, (c,))}
+    path = Path(args.out).resolve() / f"smoothing_{args.backbone}.json"
+    path.write_text(json.dumps(res, indent=1, default=float))
+    return path
+
+
 def summary(path: Path) -> str:
     """A markdown table of ``scaled_<backbone>.json``: means over seeds, per set."""
     res = json.loads(Path(path).read_text())
     keys = ("forces_coverage_90", "rmv_rmse", "forces_ence", "u_tail", "forces_spearman", "frame_spearman", "frame_auroc")
     lines = ["| level | set | cov90 | RMV/RMSE | ENCE | u-tail | atom ρ | frame ρ | frame AUROC | r̄ |", "|---" * 10 + "|"]
-    for cand in ("C", "A_g"):
+    for cand in [k for k in res if not k.startswith("rule_")]:
         runs = res[cand].values()
         for s in next(iter(runs))["deployed"]:
             vals = [np.mean([r["deployed"][s][k] for r in runs]) for k in keys]
-            rbar = np.mean([r["ratio_mean"][s] for r in runs])
-            lines.append(f"| {cand} | {s} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {rbar:.2f} |")
-    for cand in ("C", "A_g"):
+            rbar = np.mean([r["ratio_mean"][s] if "ratio_mean" in r else np.nan for r in runs])
+            lines.append(f"| {cand} | {s} | " + " | ".join(f"{v:.3f}" for v in vals)
+                         + (f" | {rbar:.2f} |" if np.isfinite(rbar) else " | — |"))
+    for cand in [k[5:] for k in res if k.startswith("rule_")]:
         lines += ["", f"Rule, {cand}:"] + res[f"rule_{cand}"]
     return "\n".join(lines)
