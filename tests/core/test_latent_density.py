@@ -64,7 +64,7 @@ def test_scores_grow_away_from_the_training_clusters_and_absent_species_score_ze
     x = _clusters(500, d, [np.zeros(d), 6 * np.ones(d)], 6)
     mix = SpeciesMixture(3, ks=(1, 2)).fit(x, torch.zeros(len(x), dtype=torch.long))
     near = torch.zeros(1, d, dtype=torch.float32)
-    far = torch.full((1, d), 30.0)
+    far = torch.full((1, d), 30.0, dtype=torch.float32)
     s = mix.score(torch.cat([near, far, far]), torch.tensor([0, 0, 2]))
     assert s.dtype == torch.float32 and s[1] > 50 * max(float(s[0]), 1.0) and s[2] == 0.0
 

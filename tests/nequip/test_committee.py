@@ -252,28 +252,34 @@ def _committee_results(calc, atoms):
     return {k: np.array(v, dtype=np.float64) for k, v in calc.results.items()}
 
 
-def test_committee_level_fitted_by_nequip_train_and_applied_by_every_output_path(committee_run):
-    """nequip-train fitted the committee's scale c on validation (it equals the core fit on the checkpoint's own
-    validation forward); checkpoint and package calculators report U_epi = c·(tr Ĉ/3)·I of the members,
-    U_tot = U_ale + U_epi and u = sqrt(tr U_epi/3); with c = 1, U_epi scales by 1/c and U_ale is unchanged."""
+def checkpoint_and_package(run):
+    """({"checkpoint", "package"}: E2IPNequIPCalculator, a test molecule, the checkpoint model's committee level)."""
     import ase.io
-    import numpy as np
 
-    from e2ip_plugins.committee_level import committee_variance
     from nequip_ext import E2IPNequIPCalculator
     from nequip_ext.committee_level import committee_level
 
     from ._cli_helpers import DATA
 
+    kw = dict(device="cpu", chemical_species_to_atom_type_map=True)
+    calcs = {"checkpoint": E2IPNequIPCalculator.from_saved_model(run["ckpt"], **kw),
+             "package": E2IPNequIPCalculator.from_saved_model(run["package"], **kw)}
+    return calcs, ase.io.read(DATA / "iso7_test.xyz", 0), committee_level(calcs["checkpoint"].model)
+
+
+def test_committee_level_fitted_by_nequip_train_and_applied_by_every_output_path(committee_run):
+    """nequip-train fitted the committee's scale c on validation (it equals the core fit on the checkpoint's own
+    validation forward); checkpoint and package calculators report U_epi = c·(tr Ĉ/3)·I of the members,
+    U_tot = U_ale + U_epi and u = sqrt(tr U_epi/3); with c = 1, U_epi scales by 1/c and U_ale is unchanged."""
+    import numpy as np
+
+    from e2ip_plugins.committee_level import committee_variance
+
     sd = torch.load(committee_run["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
     (c,) = [float(v) for k, v in sd.items() if k.endswith("uq_committee_level.level.committee_scale")]
     (fitted,) = [bool(v) for k, v in sd.items() if k.endswith("uq_committee_level.level.committee_scale_fitted")]
     assert fitted and c > 0 and c != 1.0
-    kw = dict(device="cpu", chemical_species_to_atom_type_map=True)
-    calcs = {"checkpoint": E2IPNequIPCalculator.from_saved_model(committee_run["ckpt"], **kw),
-             "package": E2IPNequIPCalculator.from_saved_model(committee_run["package"], **kw)}
-    mol = ase.io.read(DATA / "iso7_test.xyz", 0)
-    level = committee_level(calcs["checkpoint"].model)
+    calcs, mol, level = checkpoint_and_package(committee_run)
     members = {}
     level.register_forward_pre_hook(lambda mod, args: members.update(
         f=args[0][K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, 4, 3)))

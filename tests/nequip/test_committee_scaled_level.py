@@ -10,7 +10,7 @@ from nequip.data import AtomicDataDict
 
 from ._cli_helpers import SLOW
 from .test_committee import COMMITTEE_OVERRIDES, HEAD, M, _committee_results, assert_aoti_matches_checkpoint, \
-    train_and_package
+    checkpoint_and_package, train_and_package
 from .test_energy_uq import CFG, _graphs
 
 
@@ -73,25 +73,16 @@ def scaled_run(tmp_path_factory):
 def test_scaled_level_fitted_by_nequip_train_and_applied_by_checkpoint_and_package(scaled_run):
     """nequip-train stores (s_ref, c); the checkpoint and package calculators report U_epi = c·(s̃/s_ref)·U_epi,head,
     U_tot = U_ale + U_epi (SPD), u = sqrt(tr U_epi/3), and ``predictive()`` reads the same covariance."""
-    import ase.io
     import numpy as np
 
     from e2ip_plugins.committee_level import committee_variance, local_spread
-    from nequip_ext import E2IPNequIPCalculator
-    from nequip_ext.committee_level import committee_level
-
-    from ._cli_helpers import DATA
 
     sd = torch.load(scaled_run["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
     stored = {n: float(v) for k, v in sd.items() for n in ("committee_scale", "spread_ref", "committee_scale_fitted")
               if k.endswith(f"uq_committee_level.level.{n}")}
     c, s_ref = stored["committee_scale"], stored["spread_ref"]
     assert stored["committee_scale_fitted"] and c > 0 and c != 1.0 and s_ref > 0 and s_ref != 1.0
-    kw = dict(device="cpu", chemical_species_to_atom_type_map=True)
-    calcs = {"checkpoint": E2IPNequIPCalculator.from_saved_model(scaled_run["ckpt"], **kw),
-             "package": E2IPNequIPCalculator.from_saved_model(scaled_run["package"], **kw)}
-    mol = ase.io.read(DATA / "iso7_test.xyz", 0)
-    level = committee_level(calcs["checkpoint"].model)
+    calcs, mol, level = checkpoint_and_package(scaled_run)
     seen = {}
     level.register_forward_pre_hook(lambda mod, args: seen.update(
         f=args[0][K.E2IP_COMMITTEE_FORCES_KEY].detach().reshape(-1, M, 3),
