@@ -1,6 +1,6 @@
 #!/bin/bash
 # one seed of the 900 K MD xTB check on NequIP: the shipped config (a: its level A) and with the opt-in committee, level C (c)
-seed=$1; D=/tmp/mdn/s$seed
+seed=$1; D=${OUT:-md_check}/s$seed
 mkdir -p $D; cd /work/main
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled
 COM=("++training_module.model.uq_head.committee={enabled: true, kind: message, num_members: 4, num_channels: 32, detach: true, level: scaled}" "++training_module.loss.coeffs.committee=0.01" "++training_module.loss.committee_nll_weight=0.0")
