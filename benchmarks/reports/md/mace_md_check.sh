@@ -1,7 +1,7 @@
 #!/bin/bash
 # one seed of the 900 K MD xTB check: the shipped MACE config with level C (c) and with the head's level (a)
-seed=$1; D=${OUT:-md_check}/s$seed
-mkdir -p $D; cd /work/main
+seed=$1; D=$(realpath -m "${OUT:-md_check}")/s$seed   # usage: OUT=dir bash this.sh SEED
+mkdir -p $D; cd "$(dirname "$0")/../../.."
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled
 for v in c a; do
   extra=""; [ $v = a ] && extra="--e2ip_committee 0"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # one seed of the 900 K MD xTB check on NequIP: the shipped config (a: its level A) and with the opt-in committee, level C (c)
-seed=$1; D=${OUT:-md_check}/s$seed
-mkdir -p $D; cd /work/main
+seed=$1; D=$(realpath -m "${OUT:-md_check}")/s$seed   # usage: OUT=dir bash this.sh SEED
+mkdir -p $D; cd "$(dirname "$0")/../../.."
 export OMP_NUM_THREADS=1 WANDB_MODE=disabled
 COM=("++training_module.model.uq_head.committee={enabled: true, kind: message, num_members: 4, num_channels: 32, detach: true, level: scaled}" "++training_module.loss.coeffs.committee=0.01" "++training_module.loss.committee_nll_weight=0.0")
 for v in a c; do
