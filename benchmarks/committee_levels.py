@@ -105,8 +105,8 @@ def combined(args) -> Path:
 def scaled(args) -> Path:
     """Candidate C and its control A_g (module docstring), with the default rule's verdicts."""
     import torch
-    from scipy.optimize import minimize_scalar
 
+    from e2ip_plugins.committee_level import fit_epistemic_scale
     from e2ip_plugins.predictive import GaussianPredictive
 
     from .committee import rule
@@ -120,9 +120,7 @@ def scaled(args) -> Path:
     for seed, cat in _columns(args).items():
         val = cat["val"]
         for cand, s_ref in (("C", float(val["s"].mean())), ("A_g", 0.0)):
-            fit = minimize_scalar(lambda lc: float(pred_of(val, math.exp(lc), s_ref).nll(val["y"]).mean()),
-                                  bounds=(-20.0, 20.0), method="bounded", options={"xatol": 1e-8})
-            c = math.exp(fit.x)
+            c = fit_epistemic_scale(val["g"], val["y"], val["ale"], pred_of(val, 1.0, s_ref).covariance_epistemic)
             res[cand][f"seed{seed}"] = {"c": c, "s_ref": s_ref, "deployed": _metrics(pred_of, cat, (c, s_ref))}
             res[cand][f"seed{seed}"]["ratio_mean"] = {n: float(d["s"].mean() / s_ref) if s_ref else 1.0
                                                       for n, d in cat.items()}
@@ -144,9 +142,7 @@ def smoothing(args) -> Path:
     structure, with U_ale's shape instead of the head's U_epi, and with the ratio floored at 1 (max(1, s̃/s_ref): the
     head's level kept where the spread is below its val mean), each with s_ref its val mean and c by the val NLL.
     ``smoothing_<backbone>.json``: per seed every set's metrics."""
-    import torch
-    from scipy.optimize import minimize_scalar
-
+    from e2ip_plugins.committee_level import fit_epistemic_scale
     from e2ip_plugins.predictive import GaussianPredictive
 
     def pred_of(d, c, spread, shape, floor, s_ref):
@@ -158,9 +154,8 @@ def smoothing(args) -> Path:
         val = cat["val"]
         for form, (spread, shape, floor) in SMOOTHING.items():
             s_ref = float(val[spread].mean())
-            fit = minimize_scalar(lambda lc: float(pred_of(val, math.exp(lc), spread, shape, floor, s_ref).nll(
-                val["y"]).mean()), bounds=(-20.0, 20.0), method="bounded", options={"xatol": 1e-8})
-            c = math.exp(fit.x)
+            c = fit_epistemic_scale(val["g"], val["y"], val["ale"],
+                                    pred_of(val, 1.0, spread, shape, floor, s_ref).covariance_epistemic)
             res[form][f"seed{seed}"] = {"c": c, "s_ref": s_ref, "deployed": _metrics(
                 lambda d, c_: pred_of(d, c_, spread, shape, floor, s_ref), cat, (c,))}
     path = Path(args.out).resolve() / f"smoothing_{args.backbone}.json"

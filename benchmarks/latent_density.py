@@ -59,7 +59,7 @@ def run(args) -> Path:
     import torch
 
     from e2ip_plugins.latent_density import SpeciesMixture
-    from e2ip_plugins.metrics import atom_columns
+    from e2ip_plugins.metrics import atom_columns, frame_maxima
 
     from .attach import _manifest, _scores
     from .committee import bootstrap, rule, trajectories
@@ -87,14 +87,13 @@ def run(args) -> Path:
             calc = handle.calcs[0]
             model = calc.models[0] if backend_name == "mace" else calc.model
             nov = _novelty(model)
-            feats: List[torch.Tensor] = []
-            hook = nov.register_forward_pre_hook(lambda m, a: feats.append(torch.cat([a[0].detach(),
-                                                                                       a[1][:, None].to(a[0])], 1)))
+            seen: List[tuple] = []  # (features, species) of every training structure
+            hook = nov.register_forward_pre_hook(lambda m, a: seen.append((a[0].detach(), a[1].detach())))
             for at in train:
                 backend.calculate(handle, at)
             hook.remove()
-            x = torch.cat(feats)
-            mix = SpeciesMixture(nov.num_species, ks=ks, seed=seed).fit(x[:, :-1], x[:, -1].long())
+            feats, species = (torch.cat(t) for t in zip(*seen))
+            mix = SpeciesMixture(nov.num_species, ks=ks, seed=seed).fit(feats, species)
             nov.score = mix.score  # the instance attribute shadows the Gaussian's method
             _refit(args.backbone, model, manifest["files"])
             preds = predict_sets(backend, handle, sets, fk)
@@ -103,11 +102,8 @@ def run(args) -> Path:
             for s, (y, m, _) in preds.items():
                 entry["deployed"][s]["forces_mae"] = float((y - m).abs().mean())
                 cols = atom_columns(preds[s][2], y)
-                idx = frames[s].numpy()
-                top = {c: np.full(int(idx.max()) + 1, -np.inf) for c in ("u", "e")}
-                for c in top:
-                    np.maximum.at(top[c], idx, cols[c].detach().double().numpy().reshape(-1))
-                res["frames"][method].setdefault(s, []).append(bootstrap(top["u"], top["e"], traj[s]))
+                umax, emax = frame_maxima(frames[s].numpy(), cols["u"].detach().numpy(), cols["e"].detach().numpy())
+                res["frames"][method].setdefault(s, []).append(bootstrap(umax, emax, traj[s]))
             res["methods"][method][f"seed{seed}"] = entry
             print(f"seed {seed} {method}: K {mix.chosen}, [c, beta] {entry['calib']}", flush=True)
     shipped = json.loads((out / f"results_committee_{args.backbone}.json").read_text())

@@ -69,7 +69,7 @@ def run_variant(args, variants: Dict[str, Any] = VARIANTS, prefix: str = "scalar
     import numpy as np
     import torch
 
-    from e2ip_plugins.metrics import atom_columns
+    from e2ip_plugins.metrics import atom_columns, frame_maxima
 
     from .common.evaluation import frame_index, isotropic, predict_sets, read_sets
     from .common.profiles import get_profile
@@ -122,11 +122,8 @@ def run_variant(args, variants: Dict[str, Any] = VARIANTS, prefix: str = "scalar
     def frame_max(tag: str, preds) -> None:
         for name, (y, _, pred) in preds.items():
             cols = atom_columns(pred, y)
-            idx = frames[name].numpy()
-            for col in ("u", "e"):
-                top = np.full(int(idx.max()) + 1, -np.inf)
-                np.maximum.at(top, idx, cols[col].detach().double().numpy().reshape(-1))
-                dump[f"{tag}/{name}/{col}max"] = top
+            umax, emax = frame_maxima(frames[name].numpy(), cols["u"].detach().numpy(), cols["e"].detach().numpy())
+            dump[f"{tag}/{name}/umax"], dump[f"{tag}/{name}/emax"] = umax, emax
     for label, runs in head_runs.items():
         for r in runs:
             preds = predict_sets(backend, backend.load("e2ip", [r["artifact"]], "cpu"), sets, fk)

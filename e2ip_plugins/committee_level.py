@@ -114,8 +114,8 @@ def _validation_columns(what: str, **cols: torch.Tensor):
     return cols
 
 
-def _nll_scale(gamma: torch.Tensor, y: torch.Tensor, ale: torch.Tensor, epi_unit: torch.Tensor,
-               log_bounds: tuple) -> float:
+def fit_epistemic_scale(gamma: torch.Tensor, y: torch.Tensor, ale: torch.Tensor, epi_unit: torch.Tensor,
+                        log_bounds: tuple = (-20.0, 20.0)) -> float:
     """argmin_c mean_i −log N(y_i; γ_i, U_ale,i + c · E_i) with E = ``epi_unit`` (1-D Brent search in log c)."""
 
     def objective(logc: float) -> float:
@@ -133,7 +133,7 @@ def fit_committee_scale(gamma: torch.Tensor, y: torch.Tensor, cov_ale: torch.Ten
         cols = _validation_columns("the committee's scale", forces=gamma, **{"reference forces": y}, U_ale=cov_ale,
                                    **{"committee forces": member_forces})
         iso = committee_variance(cols["committee forces"]).reshape(-1, 1, 1) * torch.eye(3, dtype=torch.float64)
-        return _nll_scale(cols["forces"], cols["reference forces"], cols["U_ale"], iso, log_bounds)
+        return fit_epistemic_scale(cols["forces"], cols["reference forces"], cols["U_ale"], iso, log_bounds)
 
 
 def fit_scaled_level(gamma: torch.Tensor, y: torch.Tensor, cov_ale: torch.Tensor, cov_epi_head: torch.Tensor,
@@ -147,4 +147,4 @@ def fit_scaled_level(gamma: torch.Tensor, y: torch.Tensor, cov_ale: torch.Tensor
         if not s_ref > 0:
             raise ValueError("fitting the committee's scaled level: the members do not differ on validation")
         epi = (cols["committee spread"] / s_ref).reshape(-1, 1, 1) * cols["head's U_epi"]
-        return s_ref, _nll_scale(cols["forces"], cols["reference forces"], cols["U_ale"], epi, log_bounds)
+        return s_ref, fit_epistemic_scale(cols["forces"], cols["reference forces"], cols["U_ale"], epi, log_bounds)

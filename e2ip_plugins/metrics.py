@@ -22,7 +22,7 @@ is concatenation and gives exactly the one-shot value:
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -154,14 +154,21 @@ def compute_metrics(cols: Dict[str, np.ndarray], coverages: Iterable[int] = (50,
     return out
 
 
-def frame_metrics(frame: np.ndarray, u: np.ndarray, e: np.ndarray) -> Dict[str, float]:
-    """Per-structure max u against max e: Spearman ρ and ROC-AUC for max e above its 90th percentile."""
-    _, idx = np.unique(frame, return_inverse=True)
+def frame_maxima(frame: np.ndarray, u: np.ndarray, e: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(max u, max e) per structure, structures in the sorted order of their labels in ``frame`` (per atom)."""
+    _, idx = np.unique(np.asarray(frame), return_inverse=True)
     k = int(idx.max()) + 1
     umax = np.full(k, -np.inf)
     emax = np.full(k, -np.inf)
-    np.maximum.at(umax, idx, u)
-    np.maximum.at(emax, idx, e)
+    np.maximum.at(umax, idx, np.asarray(u, dtype=np.float64).reshape(-1))
+    np.maximum.at(emax, idx, np.asarray(e, dtype=np.float64).reshape(-1))
+    return umax, emax
+
+
+def frame_metrics(frame: np.ndarray, u: np.ndarray, e: np.ndarray) -> Dict[str, float]:
+    """Per-structure max u against max e: Spearman ρ and ROC-AUC for max e above its 90th percentile."""
+    umax, emax = frame_maxima(frame, u, e)
+    k = len(umax)
     return {
         "frame_spearman": float(stats.spearmanr(umax, emax).statistic) if k > 2 else float("nan"),
         "frame_auroc": auroc(umax, emax > np.percentile(emax, AUROC_PERCENTILE)),
